@@ -1,0 +1,112 @@
+"""Shared argument checks. Every message names the argument and says what was expected.
+
+Type problems raise TypeError, value problems ValueError (both subclasses of what callers catch).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
+                 dtypes: Optional[Sequence[torch.dtype]] = None, finite: bool = False,
+                 nonempty: bool = False) -> torch.Tensor:
+    """Check that ``t`` is a tensor with the given rank, dtype, and (optionally) only finite values.
+
+    ``finite=True`` reads the whole tensor once (and syncs on a GPU): use it for weights and Hessians,
+    not in a hot loop.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {str(t.dtype).replace('torch.', '')}")
+    if nonempty and t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if finite:
+        check_finite(name, t)
+    return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError if ``t`` holds NaN or Inf, saying how many."""
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return
+    bad = int((~torch.isfinite(t)).sum().item())
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s) out of {t.numel()}; it must be finite")
+
+
+def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+
+
+def check_same_device(*named: Tuple[str, torch.Tensor]) -> None:
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"tensors must be on one device, got {where}")
+
+
+def check_fraction(name: str, value, *, low: float = 0.0, high: float = 1.0,
+                   low_inclusive: bool = True, high_inclusive: bool = True) -> float:
+    """A real number in the interval [low, high] (ends open or closed as asked); returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    ok_low = v >= low if low_inclusive else v > low
+    ok_high = v <= high if high_inclusive else v < high
+    if math.isnan(v) or not (ok_low and ok_high):
+        interval = ("[" if low_inclusive else "(") + f"{low:g}, {high:g}" + ("]" if high_inclusive else ")")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {v}")
+    return v
+
+
+def check_nm(n, m, length: int, *, n_name: str = "n", m_name: str = "m", dim_name: str = "the last dimension") -> Tuple[int, int]:
+    """N:M pattern: 0 < n <= m, and m divides ``length``."""
+    n = check_int(n_name, n, minimum=1)
+    m = check_int(m_name, m, minimum=1)
+    if n > m:
+        raise ValueError(f"{n_name} must be <= {m_name}, got {n_name}={n}, {m_name}={m}")
+    if length % m != 0:
+        raise ValueError(f"{m_name}={m} must divide {dim_name} ({length}) for an {n}:{m} pattern")
+    return n, m
+
+
+def check_generator(name: str, generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"{name} is on {generator.device} but the tensor is on {device}")
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

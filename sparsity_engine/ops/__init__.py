@@ -1,0 +1,1 @@
+"""Op families: one sub-package each (validate + dispatch in __init__, one module per backend)."""
