@@ -29,6 +29,7 @@ _EXPORTS: Dict[str, str] = {
     # merges
     "ties_consensus": "sparsity_engine.ops.merge",
     "merge_task_vectors": "sparsity_engine.ops.merge",
+    "magnitude_outliers": "sparsity_engine.ops.merge",
     # CSR
     "CSRMatrix": "sparsity_engine.ops.csr",
     "to_csr": "sparsity_engine.ops.csr",

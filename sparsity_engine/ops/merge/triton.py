@@ -1,0 +1,608 @@
+"""Triton kernels for the merge ops: fused generalized task arithmetic, TIES consensus, Breadcrumbs.
+
+One merged tensor costs these passes over base + the N fine-tuned tensors (never a stacked copy; the N
+inputs are N pointer arguments, so each pass reads every input once):
+
+* magnitude / breadcrumbs: a most-significant-digit radix select per model for the band of kept positions
+  in the (|delta| descending, flat index ascending) order: per-block histograms of the |delta| bit patterns
+  (5 bits a pass for fp16/bf16, i.e. 3 passes; 8 bits for fp32, 4 passes), every model and both band edges
+  in the same pass, no atomics. The last pass's per-block counts of the edge key give, by a prefix sum,
+  the rank of every tie, so the fused pass keeps exactly the reference's entries with no extra read.
+* random (DARE): no pre-pass; one Philox call per entry gives four 32-bit words (models 0-3; a second seed
+  for 4-7), keep = word / 2**32 < density_i: depends on the seed and the flat index only, never on the
+  launch configuration.
+* della: the masks family's della_magprune on the materialised deltas, then the fused pass on the result.
+* rescale (l1 / l2 / linf): one reduction pass computing each model's norm before and after its mask.
+* the fused pass: deltas, masks, rescale, weights, sign election, disjoint weighted mean, lambda, + base,
+  one write; it also detects NaN/Inf in any input (x * 0 summed per block), so validation costs no read.
+
+Programs take TB entries (the tie-rank granularity) and walk them in sub-tiles of SUB with 4 warps, which
+keeps registers per thread low (40-90 for bf16, no spills) and many warps in flight.
+
+Arithmetic is fp32 with a rounding to the base dtype wherever mergekit's torch code stores an intermediate
+(delta, sparsified delta, weighted delta, sums, quotient), so results match the reference to the last bit
+except for the order in which the rescale norms are summed.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..._dispatch import register
+from . import reference as ref
+
+# Triton's interpreter truncates on a float32 -> bfloat16 cast; the GPU rounds to nearest even
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+MAX_MODELS = 8
+TB = 4096           # entries per program of the select and merge passes (tie ranks are counted per block)
+SUB = 512           # entries per sub-tile inside a program: 4 warps at 4 entries per thread
+NUM_WARPS = 4
+INT_MAX = 2**31 - 1
+SPARS_NONE, SPARS_BAND, SPARS_RANDOM, SPARS_PRESPARSE = 0, 1, 2, 3
+NORM_CODE = {None: 0, "l1": 1, "l2": 2, "linf": 3}
+
+
+# ------------------------------------------------------------------ device helpers
+
+@triton.jit
+def _rnd(v, DT: tl.constexpr):
+    """fp32 v rounded to the storage dtype DT (round to nearest even), kept as fp32. bf16 is rounded on the
+    bits so that Triton's interpreter (which truncates on a bf16 cast) agrees with the GPU and torch."""
+    if DT == tl.bfloat16:
+        if _INTERPRETING:
+            bits = v.to(tl.int32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+            r = bits.to(tl.float32, bitcast=True)
+        else:
+            r = v.to(DT).to(tl.float32)  # cvt.rn: round to nearest even on the GPU
+    elif DT == tl.float32:
+        r = v
+    else:
+        r = v.to(DT).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The i-th of eight values (i is a compile-time constant): selects a model's pointer or random word."""
+    if i == 0:
+        return a0
+    elif i == 1:
+        return a1
+    elif i == 2:
+        return a2
+    elif i == 3:
+        return a3
+    elif i == 4:
+        return a4
+    elif i == 5:
+        return a5
+    elif i == 6:
+        return a6
+    else:
+        return a7
+
+
+@triton.jit
+def _load_delta(t_ptr, idx, m, b, HAS_BASE: tl.constexpr, PRESPARSE: tl.constexpr):
+    """A model's input x and delta d in the storage dtype: (x - base) rounded as torch rounds it, or x itself."""
+    # one return per function: the compiler does not stop at a return inside a compile-time branch
+    x = tl.load(t_ptr + idx, mask=m, other=0.0)
+    if HAS_BASE and not PRESPARSE:
+        d = _rnd(x.to(tl.float32) - b, x.dtype).to(x.dtype)
+    else:
+        d = x
+    return x, d
+
+
+@triton.jit
+def _key(d):
+    """|d| as an order-preserving integer (the float's bits without the sign)."""
+    if d.dtype == tl.float32:
+        key = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    else:
+        key = d.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    return key
+
+
+@triton.jit
+def _before(key, row: tl.constexpr, k_ptr, t_ptr, run, rows, RANKS: tl.constexpr, LATER_FIRST: tl.constexpr):
+    """Is the entry before band edge ``row`` (= 2 * model + edge) in the order |d| descending, equal keys by
+    index ascending (or descending with LATER_FIRST: then T counts the equal entries *not* before the edge)?
+    ``run`` [RP] holds, per edge, the entries equal to its key met before this sub-tile; returns it updated."""
+    K = tl.load(k_ptr + row)
+    T = tl.load(t_ptr + row)
+    tie = key == K
+    if RANKS:
+        t32 = tie.to(tl.int32)
+        seen = tl.sum(tl.where(rows == row, run, 0), 0)
+        rank = tl.cumsum(t32, 0) - t32 + seen
+        run = tl.where(rows == row, run + tl.sum(t32, 0), run)
+    else:
+        rank = tl.zeros_like(key)
+    if LATER_FIRST:
+        before = (key > K) | (tie & (rank >= T))
+    else:
+        before = (key > K) | (tie & (rank < T))
+    return before, run
+
+
+@triton.jit
+def _keep(d, i: tl.constexpr, k_ptr, t_ptr, run, rows, dens_ptr, rnd, SPARS: tl.constexpr, NEED_TIES: tl.constexpr):
+    """Model i's keep mask: band of magnitude ranks (1), Bernoulli(density_i) from the random word (2), all.
+    Returns (keep, run) with the tie counters of the band edges updated."""
+    if SPARS == 1:
+        key = _key(d)
+        hi, run = _before(key, 2 * i + 1, k_ptr, t_ptr, run, rows, (NEED_TIES & 2) != 0, (NEED_TIES & 4) != 0)
+        lo, run = _before(key, 2 * i, k_ptr, t_ptr, run, rows, (NEED_TIES & 1) != 0, (NEED_TIES & 4) != 0)
+        keep = hi & (lo.to(tl.int32) == 0)
+    elif SPARS == 2:
+        u = (rnd >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits: a uniform in [0, 1)
+        keep = u < tl.load(dens_ptr + i)
+    else:
+        keep = rnd == rnd
+    return keep, run
+
+
+@triton.jit
+def _norm_terms(v, NORM: tl.constexpr):
+    a = tl.abs(v)
+    if NORM == 2:
+        a = a * a
+    return a
+
+
+@triton.jit
+def _sign(v):
+    return tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
+
+
+# ------------------------------------------------------------------ kernels
+
+@triton.jit
+def _hist_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, n, prefix_ptr, out_ptr, nblocks, shift,
+                 N: tl.constexpr, HAS_BASE: tl.constexpr, W: tl.constexpr, TB: tl.constexpr, SUB: tl.constexpr,
+                 RP: tl.constexpr):
+    """Per block of TB entries, for every (model, band edge) still searching (prefix >= 0): the histogram of
+    the next W key bits among entries whose higher bits equal the prefix; out[(model, edge), block, 2**W].
+    No atomics: the host sums the blocks, and the last pass's per-block counts give the tie ranks."""
+    pid = tl.program_id(0)
+    B: tl.constexpr = 1 << W
+    bins = tl.arange(0, B)
+    rows = tl.arange(0, RP)
+    acc = tl.zeros((RP, B), dtype=tl.int32)
+    for s in range(0, TB, SUB):
+        if pid * TB + s < n:  # the last block may be partial
+            idx = pid * TB + s + tl.arange(0, SUB)
+            m = idx < n
+            b = tl.zeros((SUB,), dtype=tl.float32)
+            if HAS_BASE:
+                b = tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            for i in tl.static_range(N):
+                _, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, False)
+                top = _key(d) >> shift
+                digit = top & (B - 1)
+                for j in tl.static_range(2):
+                    pre = tl.load(prefix_ptr + i * 2 + j)
+                    if pre >= 0:
+                        h = tl.histogram(digit, B, mask=m & ((top >> W) == pre))
+                        acc = tl.where(rows[:, None] == i * 2 + j, acc + h[None, :], acc)
+    tl.store(out_ptr + (rows[:, None] * nblocks + pid) * B + bins[None, :], acc, mask=rows[:, None] < 2 * N)
+
+
+@triton.jit
+def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, scale_ptr, dens_ptr, seed_ptr,
+                  k_ptr, t_ptr, tpre_ptr, nblocks, norm_ptr, flag_ptr, lam,
+                  N: tl.constexpr, HAS_BASE: tl.constexpr, SPARS: tl.constexpr, NEED_TIES: tl.constexpr,
+                  CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, RESCALE: tl.constexpr,
+                  APPLY_LAMBDA: tl.constexpr, PHASE: tl.constexpr, TB: tl.constexpr, SUB: tl.constexpr,
+                  RP: tl.constexpr, NP: tl.constexpr):
+    """One program per block of TB entries, walked in sub-tiles of SUB (few registers, many warps in flight).
+    PHASE 0: accumulate per-model norms before / after the mask into norm_ptr [N, 2].
+    PHASE 1: the fused merge, writing out; flag_ptr[0] = 1 if any input holds NaN/Inf."""
+    pid = tl.program_id(0)
+    DT = out_ptr.dtype.element_ty
+    rows = tl.arange(0, RP)
+    models = tl.arange(0, NP)
+    run = tl.zeros((RP,), dtype=tl.int32)
+    if (NEED_TIES & 3) != 0:
+        # entries equal to each band edge's key in the blocks before this one
+        run = tl.load(tpre_ptr + rows * nblocks + pid, mask=rows < 2 * N, other=0)
+    norm_before = tl.zeros((NP,), dtype=tl.float32)
+    norm_after = tl.zeros((NP,), dtype=tl.float32)
+    nonfinite = tl.zeros((SUB,), dtype=tl.float32)
+    for s in range(0, TB, SUB):
+        if pid * TB + s < n:  # the last block may be partial
+            idx = pid * TB + s + tl.arange(0, SUB)
+            m = idx < n
+            b = tl.zeros((SUB,), dtype=tl.float32)
+            if HAS_BASE:
+                b = tl.load(base_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            # one Philox call gives four 32-bit words per entry: models 0-3, then 4-7 from a second seed; the words
+            # depend only on the seed and the flat index, never on the launch configuration
+            r0 = idx.to(tl.uint32)
+            r1 = r0
+            r2 = r0
+            r3 = r0
+            r4 = r0
+            r5 = r0
+            r6 = r0
+            r7 = r0
+            if SPARS == 2:
+                r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), idx)
+                if N > 4:
+                    r4, r5, r6, r7 = tl.randint4x(tl.load(seed_ptr + 1), idx)
+            if PHASE == 0:
+                for i in tl.static_range(N):
+                    _, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, SPARS == 3)
+                    keep, run = _keep(d, i, k_ptr, t_ptr, run, rows, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
+                                      SPARS, NEED_TIES)
+                    before = _norm_terms(d.to(tl.float32), RESCALE)
+                    after = tl.where(keep, before, 0.0)
+                    if RESCALE == 3:
+                        norm_before = tl.where(models == i, tl.maximum(norm_before, tl.max(before, 0)), norm_before)
+                        norm_after = tl.where(models == i, tl.maximum(norm_after, tl.max(after, 0)), norm_after)
+                    else:
+                        norm_before = tl.where(models == i, norm_before + tl.sum(before, 0), norm_before)
+                        norm_after = tl.where(models == i, norm_after + tl.sum(after, 0), norm_after)
+            else:
+                # x * 0 is 0 for finite x and NaN for NaN/Inf: one multiply-add per input finds bad inputs, and
+                # the host names the culprit (only on that error path)
+                nonfinite += tl.where(m, b * 0.0, 0.0)
+                vote = tl.zeros((SUB,), dtype=tl.float32)
+                mixed = tl.zeros((SUB,), dtype=tl.float32)
+                divisor = tl.zeros((SUB,), dtype=tl.float32)
+                # the weighted deltas, kept for the second loop of the sign election (unused slots optimised out)
+                w0 = vote
+                w1 = vote
+                w2 = vote
+                w3 = vote
+                w4 = vote
+                w5 = vote
+                w6 = vote
+                w7 = vote
+                for i in tl.static_range(N):
+                    x, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, SPARS == 3)
+                    nonfinite += tl.where(m, x.to(tl.float32) * 0.0, 0.0)
+                    keep, run = _keep(d, i, k_ptr, t_ptr, run, rows, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
+                                      SPARS, NEED_TIES)
+                    sd = tl.where(keep, d.to(tl.float32), 0.0)
+                    if RESCALE != 0:
+                        sd = _rnd(sd * tl.load(scale_ptr + i), DT)
+                    w = tl.load(w_ptr + i)
+                    wd = _rnd(sd * w, DT)
+                    if CONSENSUS == 0:
+                        mixed += wd
+                        divisor += w
+                    else:
+                        if CONSENSUS == 1:
+                            vote += wd
+                        else:
+                            vote += _sign(wd)
+                        if i == 0:
+                            w0 = wd
+                        elif i == 1:
+                            w1 = wd
+                        elif i == 2:
+                            w2 = wd
+                        elif i == 3:
+                            w3 = wd
+                        elif i == 4:
+                            w4 = wd
+                        elif i == 5:
+                            w5 = wd
+                        elif i == 6:
+                            w6 = wd
+                        else:
+                            w7 = wd
+                if CONSENSUS != 0:
+                    elected = tl.where(vote >= 0, 1.0, -1.0)
+                    for i in tl.static_range(N):
+                        wd = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7)
+                        agree = _sign(wd) == elected
+                        mixed += tl.where(agree, wd, 0.0)
+                        divisor += tl.where(agree, tl.load(w_ptr + i), 0.0)
+                mixed = _rnd(mixed, DT)
+                if NORMALIZE:
+                    divisor = _rnd(divisor, DT)
+                    if CONSENSUS != 0:
+                        divisor = tl.where(divisor == 0, 1.0, divisor)
+                    else:
+                        divisor = tl.where(tl.abs(divisor) < 1e-8, 1.0, divisor)
+                    mixed = _rnd(mixed / divisor, DT)
+                if APPLY_LAMBDA:
+                    mixed = _rnd(mixed * lam, DT)
+                tl.store(out_ptr + idx, _rnd(b + mixed, DT).to(DT), mask=m)
+    if PHASE == 0:
+        if RESCALE == 3:
+            tl.atomic_max(norm_ptr + models * 2, norm_before, mask=models < N)
+            tl.atomic_max(norm_ptr + models * 2 + 1, norm_after, mask=models < N)
+        else:
+            tl.atomic_add(norm_ptr + models * 2, norm_before, mask=models < N)
+            tl.atomic_add(norm_ptr + models * 2 + 1, norm_after, mask=models < N)
+    else:
+        bad = tl.sum(nonfinite, 0) != 0
+        tl.atomic_max(flag_ptr, 1, mask=bad)
+
+
+@triton.jit
+def _consensus_kernel(d_ptr, out_ptr, M, N: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    m = idx < M
+    vote = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(N):
+        d = tl.load(d_ptr + i * M + idx, mask=m, other=0.0).to(tl.float32)
+        if COUNT:
+            vote += tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        else:
+            vote += d
+    elected = tl.where(vote >= 0, 1.0, -1.0)
+    for i in tl.static_range(N):
+        d = tl.load(d_ptr + i * M + idx, mask=m, other=0.0).to(tl.float32)
+        sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        tl.store(out_ptr + i * M + idx, (sign == elected).to(tl.int8), mask=m)
+
+
+# ------------------------------------------------------------------ host side
+
+class _Plan:
+    """One fused merge: the N input tensors (pointers), the per-model parameters, and the passes."""
+
+    def __init__(self, base: Optional[torch.Tensor], tensors: List[torch.Tensor]):
+        self.base = base
+        self.tensors = tensors
+        self.n = tensors[0].numel()
+        self.N = len(tensors)
+        self.device = tensors[0].device
+        self.ptrs = list(tensors) + [tensors[0]] * (MAX_MODELS - self.N)  # unused slots point at model 0
+        self.nblocks = triton.cdiv(self.n, TB)
+        # per-model parameters live on the host until a launch packs them into two small device tensors
+        self.K = [INT_MAX] * (2 * self.N)
+        self.T = [0] * (2 * self.N)
+        self.dens = [1.0] * self.N
+        self.seeds = [0, 0]
+        self.weights = [1.0] * self.N
+        self.scale = None  # device tensor [N] once rescaled
+        self.tpre = None
+        self.need_ties = 0  # bit j: some model's band edge j needs tie ranks; bit 2: ties later-index first
+        self.later_first = False
+        self._packed = None
+
+    def _pack(self):
+        if self._packed is None:
+            f32 = torch.tensor(self.weights + self.dens + [1.0] * self.N, dtype=torch.float32).to(self.device)
+            i32 = torch.tensor(self.K + self.T + self.seeds, dtype=torch.int32).to(self.device)
+            self._packed = (f32, i32)
+        return self._packed
+
+    def set(self, **params) -> None:
+        for k, v in params.items():
+            setattr(self, k, v)
+        self._packed = None
+
+    @property
+    def base_ptr(self):
+        return self.base if self.base is not None else self.tensors[0]
+
+    # -- band selection (magnitude, breadcrumbs)
+    def select_bands(self, bands: List[Optional[tuple]], *, later_first: bool = False) -> None:
+        """bands[i] = (lo, hi) kept positions of model i in descending-magnitude order, or None (keep all).
+        Equal magnitudes are ordered by flat index, ascending (magnitude) or descending (``later_first``,
+        breadcrumbs), as reference.descending_rank."""
+        n = self.n
+        self.later_first = later_first
+        targets = []  # per (model, edge): the edge position p, or None when it needs no search
+        for i, band in enumerate(bands):
+            lo, hi = band if band is not None else (0, n)
+            for j, p in enumerate((lo, hi)):
+                if p <= 0:
+                    targets.append(None)            # nothing before the edge (K stays INT_MAX)
+                elif p >= n:
+                    self.K[2 * i + j] = -1          # everything before the edge
+                    targets.append(None)
+                else:
+                    targets.append(p)
+        if any(t is not None for t in targets):
+            self._radix_select(targets)
+        self._packed = None
+
+    def _radix_select(self, targets) -> None:
+        """Per searching edge: the key K of the p-th largest |delta| and how many entries equal to K are
+        before the edge (T), by most-significant-digit radix select over the key bits."""
+        if self.tensors[0].dtype == torch.float32:
+            width, shifts = 8, [24, 16, 8, 0]
+        else:
+            width, shifts = 5, [10, 5, 0]  # 15-bit keys: 32-bin histograms are cheap to build
+        bins = 1 << width
+        rows = 2 * self.N
+        remaining = np.array([t if t is not None else 0 for t in targets], dtype=np.int64)
+        prefix = np.array([0 if t is not None else -1 for t in targets], dtype=np.int64)
+        per_block = torch.empty((rows, self.nblocks, bins), dtype=torch.int32, device=self.device)
+        digit = np.zeros(rows, dtype=np.int64)
+        for shift in shifts:
+            pre_dev = torch.tensor(prefix, dtype=torch.int32).to(self.device)
+            _hist_kernel[(self.nblocks,)](*self.ptrs, self.base_ptr, self.n, pre_dev, per_block, self.nblocks, shift,
+                                          N=self.N, HAS_BASE=self.base is not None, W=width, TB=TB, SUB=SUB,
+                                          RP=triton.next_power_of_2(2 * self.N), num_warps=NUM_WARPS)
+            h = per_block.sum(dim=1).cpu().numpy()
+            for r in range(rows):
+                if prefix[r] < 0:
+                    continue
+                desc = h[r, ::-1].cumsum()          # entries with digit >= bins - 1 - k
+                k = int(np.searchsorted(desc, remaining[r]))  # first k with desc[k] >= remaining
+                digit[r] = bins - 1 - k
+                remaining[r] -= desc[k] - h[r, digit[r]]
+                prefix[r] = (prefix[r] << width) | digit[r]
+        tie_rows = []
+        for r in range(rows):
+            if targets[r] is None:
+                continue
+            ties = int(h[r, digit[r]])
+            self.K[r] = int(prefix[r])
+            if remaining[r] >= ties:
+                # the whole run of equal keys is before the edge
+                self.T[r] = 0 if self.later_first else INT_MAX
+            else:
+                # before: the first `remaining` equal keys in index order, or the last ones with later_first
+                self.T[r] = int(ties - remaining[r]) if self.later_first else int(remaining[r])
+                self.need_ties |= 1 << (r % 2)
+                tie_rows.append(r)
+        if self.later_first:
+            self.need_ties |= 4  # tells the kernel how T reads, ranks needed or not
+        if tie_rows:
+            # tie ranks: entries equal to K in earlier blocks, from the last pass's per-block counts
+            r_idx = torch.tensor(tie_rows, device=self.device)
+            d_idx = torch.tensor([int(digit[r]) for r in tie_rows], device=self.device)
+            counts = per_block[r_idx, :, d_idx]
+            tpre = torch.zeros((rows, self.nblocks), dtype=torch.int32, device=self.device)
+            tpre[r_idx] = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts)
+            self.tpre = tpre
+
+    # -- the fused passes
+    def launch(self, out, *, spars, consensus, normalize, rescale_norm, lambda_, phase, norms=None, flags=None):
+        f32, i32 = self._pack()
+        N = self.N
+        w, dens, ones = f32[:N], f32[N:2 * N], f32[2 * N:]
+        K, T, seeds = i32[:2 * N], i32[2 * N:4 * N], i32[4 * N:]
+        scale = self.scale if self.scale is not None else ones
+        tpre = self.tpre if self.tpre is not None else i32
+        _merge_kernel[(self.nblocks,)](
+            *self.ptrs, self.base_ptr, out if out is not None else self.tensors[0], self.n,
+            w, scale, dens, seeds, K, T, tpre, self.nblocks,
+            norms if norms is not None else ones, flags if flags is not None else i32, float(lambda_),
+            N=N, HAS_BASE=self.base is not None, SPARS=spars, NEED_TIES=self.need_ties,
+            CONSENSUS={None: 0, "sum": 1, "count": 2}[consensus], NORMALIZE=bool(normalize),
+            RESCALE=NORM_CODE[rescale_norm], APPLY_LAMBDA=lambda_ != 1, PHASE=phase, TB=TB, SUB=SUB,
+            RP=triton.next_power_of_2(2 * N), NP=triton.next_power_of_2(N), num_warps=NUM_WARPS)
+
+    def rescale(self, spars, rescale_norm, active: List[bool]) -> None:
+        """scale_i = norm(delta_i) / norm(masked delta_i), rounded like mergekit's 0-d tensors; 1 where no rescale."""
+        norms = torch.zeros((self.N, 2), dtype=torch.float32, device=self.device)
+        self.launch(None, spars=spars, consensus=None, normalize=False, rescale_norm=rescale_norm,
+                    lambda_=1.0, phase=0, norms=norms)
+        if rescale_norm == "l2":
+            norms = norms.sqrt()
+        dt = self.tensors[0].dtype
+        before, after = norms[:, 0].to(dt), norms[:, 1].to(dt)
+        ratio = (before / after).float()
+        ok = (before >= ref.RESCALE_EPS) & (after >= ref.RESCALE_EPS)
+        ok &= torch.tensor(active, device=self.device)
+        self.scale = torch.where(ok, ratio, torch.ones_like(ratio)).contiguous()
+
+
+def _raise_flags(flags: torch.Tensor, base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """The kernel flags NaN/Inf somewhere in its inputs; name the tensor (error path only)."""
+    if not int(flags.item()):
+        return
+    if not bool(torch.isfinite(base).all()):
+        raise ValueError("base contains NaN/Inf values; it must be finite")
+    for i, t in enumerate(tensors):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensors[{i}] contains NaN/Inf values; it must be finite")
+    raise ValueError("the inputs contain NaN/Inf values; they must be finite")
+
+
+def _delta_list(base, tensors):
+    """Materialised deltas (base dtype), checked finite: the input of the masks family's DELLA."""
+    out = []
+    for i, t in enumerate(tensors):
+        d = t - base
+        if not bool(torch.isfinite(d).all()):
+            name = "base" if not bool(torch.isfinite(base).all()) else f"tensors[{i}]"
+            raise ValueError(f"{name} contains NaN/Inf values; it must be finite")
+        out.append(d)
+    return out
+
+
+def _merge_supports(base, tensors, weights, **kwargs):
+    reasons = []
+    if len(tensors) > MAX_MODELS:
+        reasons.append(f"the fused kernel merges at most {MAX_MODELS} models, got {len(tensors)}")
+    if base.numel() >= 2**31:
+        reasons.append("tensors of 2**31 elements or more are not supported by the fused kernel")
+    return reasons
+
+
+@register("merge_task_vectors", "triton", supports=_merge_supports)
+def merge_task_vectors(base, tensors, weights, *, spars, consensus, densities, epsilons, gammas, lambda_,
+                       normalize, rescale_norm, generator=None):
+    dtype = base.dtype
+    base = base.contiguous()
+    ts = [t.to(dtype).contiguous() for t in tensors]
+    N, n = len(ts), base.numel()
+    out = torch.empty_like(base)
+    if n == 0:
+        return out
+    active = [spars is not None and d < 1 for d in densities]
+    mode = SPARS_NONE
+    if any(active):
+        mode = {"magnitude": SPARS_BAND, "magnitude_outliers": SPARS_BAND, "random": SPARS_RANDOM,
+                "della_magprune": SPARS_PRESPARSE}[spars]
+    plan_base = base
+    if mode == SPARS_PRESPARSE:
+        deltas = _delta_list(base, ts)
+        for i in range(N):
+            if active[i]:
+                deltas[i] = ref.sparsify_delta(deltas[i], spars, densities[i], gamma=gammas[i], epsilon=epsilons[i],
+                                               rescale_norm=rescale_norm, generator=generator, backend=None)
+        ts = deltas
+    plan = _Plan(plan_base, ts)
+    plan.set(weights=torch.tensor(list(weights), dtype=dtype).float().tolist())  # rounded as mergekit's weight tensor
+    if mode == SPARS_BAND:
+        bands = []
+        for i in range(N):
+            if not active[i]:
+                bands.append(None)
+            elif spars == "magnitude":
+                bands.append((0, int(densities[i] * n)))
+            else:
+                bands.append(ref.breadcrumbs_band(n, densities[i], gammas[i]))
+        plan.select_bands(bands, later_first=spars == "magnitude_outliers")
+    elif mode == SPARS_RANDOM:
+        plan.set(dens=[d if a else 1.0 for d, a in zip(densities, active)])
+        # seeds from the caller's generator, else torch's default CPU one (torch.manual_seed reproduces a merge)
+        gen_device = generator.device if generator is not None else "cpu"
+        plan.set(seeds=torch.randint(0, INT_MAX, (2,), generator=generator, device=gen_device).tolist())
+    norm = rescale_norm if mode in (SPARS_BAND, SPARS_RANDOM) else None
+    if norm is not None:
+        plan.rescale(mode, norm, active)
+    flags = torch.zeros(1, dtype=torch.int32, device=base.device)
+    plan.launch(out, spars=mode, consensus=consensus, normalize=normalize,
+                rescale_norm=norm, lambda_=lambda_, phase=1, flags=flags)
+    _raise_flags(flags, base, ts)
+    return out
+
+
+@register("magnitude_outliers", "triton")
+def magnitude_outliers(t, density, gamma, rescale_norm=None):
+    if density >= 1:
+        return t
+    x = t.contiguous()
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    plan = _Plan(None, [x])
+    plan.select_bands([ref.breadcrumbs_band(x.numel(), density, gamma)], later_first=True)
+    if rescale_norm is not None:
+        plan.rescale(SPARS_BAND, rescale_norm, [True])
+    flags = torch.zeros(1, dtype=torch.int32, device=x.device)
+    plan.launch(out, spars=SPARS_BAND, consensus=None, normalize=False, rescale_norm=rescale_norm,
+                lambda_=1.0, phase=1, flags=flags)
+    return out
+
+
+@register("ties_consensus", "triton")
+def ties_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    d = deltas.contiguous()
+    N = d.shape[0]
+    M = d[0].numel() if N else 0
+    out = torch.empty(d.shape, dtype=torch.int8, device=d.device)
+    if M:
+        _consensus_kernel[(triton.cdiv(M, 1024),)](d, out, M, N=N, COUNT=method == "count", BLOCK=1024)
+    return out.view(torch.bool)

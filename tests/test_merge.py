@@ -1,0 +1,394 @@
+"""Merge ops: TIES consensus and generalized task arithmetic (reference exact values, mergekit's formula
+re-derived, kernels against the reference), Breadcrumbs, the state-dict merge, bad input."""
+import pytest
+import torch
+
+import sparsity_engine as se
+from helpers import KERNEL_DEVICE, RTOL, assert_rel_close
+from sparsity_engine.merge import merge_state_dicts
+from sparsity_engine.ops.merge import METHODS, magnitude_outliers
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
+RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
+
+
+def _poison_allocator(like: torch.Tensor) -> None:
+    """Fill and free a block the size of the next output, so an output element the kernel forgets to write
+    most likely holds NaN instead of a plausible value."""
+    junk = torch.full_like(like, float("nan"))
+    del junk
+
+
+def _models(shape, n, dtype, device="cpu", scale=0.05):
+    base = torch.randn(shape, device=device).to(dtype)
+    tensors = [(base.float() + scale * torch.randn(shape, device=device)).to(dtype) for _ in range(n)]
+    return base, tensors
+
+
+# ---------------------------------------------------------------- ties_consensus
+
+TOY = torch.tensor([[1.0, -2.0, 0.0, 3.0],
+                    [-1.0, -1.0, 2.0, -4.0],
+                    [2.0, 1.0, -1.0, 0.0]])
+
+
+def test_ties_consensus_hand_example_sum():
+    # column sums 2, -2, 1, -1 elect +, -, +, -; a zero never agrees
+    got = se.ties_consensus(TOY, "sum", backend="reference")
+    assert got.tolist() == [[True, True, False, False],
+                            [False, True, True, True],
+                            [True, False, False, False]]
+
+
+def test_ties_consensus_hand_example_count():
+    # sign counts 1, -1, 0, 0: a zero vote elects +
+    got = se.ties_consensus([TOY[0], TOY[1], TOY[2]], "count", backend="reference")
+    assert got.tolist() == [[True, True, False, True],
+                            [False, True, True, False],
+                            [True, False, False, False]]
+
+
+def test_ties_consensus_zero_sum_elects_plus():
+    d = torch.tensor([[1.5], [-1.5]])
+    assert se.ties_consensus(d, "sum", backend="reference").tolist() == [[True], [False]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["sum", "count"])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 9), (4, 1), (2, 1300)])
+def test_ties_consensus_kernel_matches_reference(dtype, method, shape):
+    d = torch.randn(shape, device=KERNEL_DEVICE).to(dtype)
+    d.view(-1)[::7] = 0
+    expected = se.ties_consensus(d, method, backend="reference")
+    got = se.ties_consensus(d, method, backend="triton")
+    assert got.dtype == torch.bool and torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- hand-computed merges
+
+def test_task_arithmetic_exact():
+    base = torch.tensor([1.0, 2.0])
+    ts = [torch.tensor([2.0, 2.0]), torch.tensor([1.0, 4.0])]
+    got = se.merge_task_vectors(base, ts, [0.5, 1.0], method="task_arithmetic", backend="reference")
+    assert got.tolist() == [1.5, 4.0]
+    got = se.merge_task_vectors(base, ts, [0.5, 1.0], method="task_arithmetic", normalize=True, lambda_=3.0,
+                                backend="reference")
+    assert torch.allclose(got, torch.tensor([2.0, 6.0]))  # deltas (0.5, 2) / 1.5 * 3 + base
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ties_hand_example(backend):
+    base = torch.ones(4, device=KERNEL_DEVICE if backend == "triton" else "cpu")
+    ts = [base + row.to(base.device) for row in TOY]
+    full = se.merge_task_vectors(base, ts, [1.0, 1.0, 1.0], method="ties", backend=backend)
+    assert full.tolist() == [2.5, -0.5, 3.0, -3.0]  # agreeing deltas averaged: 3/2, -3/2, 2, -4
+    # density 0.5 keeps 2 of 4 per model: (-2, 3), (2, -4), (2, 1) [the tie |1| = |-1| goes to the lower index]
+    half = se.merge_task_vectors(base, ts, [1.0, 1.0, 1.0], method="ties", density=0.5, backend=backend)
+    assert half.tolist() == [3.0, -1.0, 3.0, -3.0]
+
+
+def test_method_table_matches_mergekit_registry():
+    assert METHODS["ties"] == ("magnitude", "sum", True, False)
+    assert METHODS["dare_ties"] == ("random", "sum", False, True)
+    assert METHODS["dare_linear"] == ("random", None, False, True)
+    assert METHODS["breadcrumbs"] == ("magnitude_outliers", None, False, False)
+    assert METHODS["breadcrumbs_ties"] == ("magnitude_outliers", "sum", False, False)
+    assert METHODS["della"] == ("della_magprune", "sum", True, True)
+    assert METHODS["della_linear"] == ("della_magprune", None, False, True)
+    assert METHODS["task_arithmetic"] == (None, None, False, False)
+
+
+# ---------------------------------------------------------------- mergekit's formula, re-derived
+
+def _keep_positions(delta, lo, hi, later_first=False):
+    """Entries at positions [lo, hi) when sorted by |delta| descending, equal magnitudes by flat index
+    (ascending, as a stable descending argsort; descending, as a stable ascending sort read backwards)."""
+    flat = delta.abs().float().flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], -i if later_first else i))
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[order[lo:hi]] = True
+    return keep.reshape(delta.shape)
+
+
+def _derived_merge(base, tensors, weights, method, density, gamma, lam, normalize, rescale):
+    sparsification, consensus, default_norm, default_rescale = METHODS[method]
+    normalize = default_norm if normalize is None else normalize
+    rescale = default_rescale if rescale is None else rescale
+    dt, n = base.dtype, base.numel()
+    sparse = []
+    for t, dens, gam in zip(tensors, density, gamma):
+        d = t.to(dt) - base
+        if sparsification is not None and dens < 1:
+            if sparsification == "magnitude":
+                keep = _keep_positions(d, 0, int(dens * n))
+            else:  # outliers: the top int(gamma n) go, then the bottom, so int(density n) stay
+                top = min(int(gam * n), n - int(dens * n))
+                keep = _keep_positions(d, top, top + int(dens * n), later_first=True)
+            kept = torch.where(keep, d, torch.zeros_like(d))
+            if rescale and d.abs().sum() >= 1e-7 and kept.abs().sum() >= 1e-7:
+                kept = kept * (d.abs().sum() / kept.abs().sum())
+            d = kept
+        sparse.append(d)
+    w = [torch.tensor(x, dtype=dt) for x in weights]
+    wd = [d * wi for d, wi in zip(sparse, w)]
+    total = torch.zeros(base.shape, dtype=dt)
+    div = torch.zeros(base.shape, dtype=dt)
+    if consensus is not None:
+        elected = torch.where(torch.stack(wd).sum(0) >= 0, 1.0, -1.0)
+        agree = [torch.sign(x) == elected for x in wd]
+        total = torch.stack([torch.where(a, x, torch.zeros_like(x)) for a, x in zip(agree, wd)]).sum(0)
+        div = torch.stack([a.to(dt) * wi for a, wi in zip(agree, w)]).sum(0)
+        div = torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        total = torch.stack(wd).sum(0)
+        div = torch.stack(w).sum()
+        div = div if div.abs() >= 1e-8 else torch.ones_like(div)
+    if normalize:
+        total = total / div
+    if lam != 1:
+        total = total * lam
+    return (base + total).to(dt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", DETERMINISTIC)
+@pytest.mark.parametrize("normalize,rescale,lam", [(None, None, 1.0), (True, True, 0.7), (False, False, 1.3)])
+def test_reference_equals_mergekit_formula(dtype, method, normalize, rescale, lam):
+    base, ts = _models((9, 13), 3, dtype)
+    weights, density, gamma = [0.3, 0.6, 1.1], [0.5, 0.3, 0.8], [0.02, 0.05, 0.1]
+    got = se.merge_task_vectors(base, ts, weights, method=method, density=density, gamma=gamma, lambda_=lam,
+                                normalize=normalize, rescale=rescale, backend="reference")
+    expected = _derived_merge(base, ts, weights, method, density, gamma, lam, normalize, rescale)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_scalar_and_list_parameters_agree():
+    base, ts = _models((6, 7), 2, torch.float32)
+    a = se.merge_task_vectors(base, ts, 0.5, method="ties", density=0.4, backend="reference")
+    b = se.merge_task_vectors(base, ts, [0.5, 0.5], method="ties", density=[0.4, 0.4], backend="reference")
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- Breadcrumbs
+
+def test_breadcrumbs_hand_example():
+    t = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 1.0, 0.05, -0.4, 0.6, 3.0])
+    # gamma 0.1 drops the single largest (-5), density 0.5 keeps the next five: 3, 2, 1, 0.6, -0.4
+    got = magnitude_outliers(t, 0.5, 0.1, backend="reference")
+    assert torch.equal(got, torch.tensor([0.0, 0.0, 0.0, 2.0, 0.0, 1.0, 0.0, -0.4, 0.6, 3.0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,density,gamma", [((37,), 0.3, 0.05), ((11, 13), 0.9, 0.2), ((5, 64), 0.5, 0.0),
+                                                 ((1,), 0.0, 0.5)])
+@pytest.mark.parametrize("norm", [None, "l2"])
+def test_breadcrumbs_kernel_matches_reference(dtype, shape, density, gamma, norm):
+    t = torch.randn(shape, device=KERNEL_DEVICE).to(dtype)
+    expected = magnitude_outliers(t, density, gamma, rescale_norm=norm, backend="reference")
+    _poison_allocator(t)
+    got = magnitude_outliers(t, density, gamma, rescale_norm=norm, backend="triton")
+    if norm is None:
+        assert torch.equal(got, expected)
+    else:
+        assert torch.equal(got != 0, expected != 0)
+        assert_rel_close(got, expected, RTOL[dtype], "rescaled breadcrumbs")
+
+
+# ---------------------------------------------------------------- kernels against the reference
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", DETERMINISTIC)
+@pytest.mark.parametrize("shape,n_models", [((7, 13), 1), ((33, 5), 2), ((3, 129), 3), ((257,), 4),
+                                            ((3, 3001), 3)])  # several blocks and sub-tiles: tie runs carry over
+def test_kernel_matches_reference_deterministic(dtype, method, shape, n_models):
+    base, ts = _models(shape, n_models, dtype, KERNEL_DEVICE)
+    kw = dict(method=method, density=[0.3, 0.5, 0.7, 0.9][:n_models], gamma=0.04, lambda_=1.2)
+    w = [0.5, 1.0, -0.3, 0.8][:n_models]
+    expected = se.merge_task_vectors(base, ts, w, backend="reference", **kw)
+    _poison_allocator(base)
+    got = se.merge_task_vectors(base, ts, w, backend="triton", **kw)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rescale", [True, "l2", "linf"])
+@pytest.mark.parametrize("consensus", [None, "count"])
+def test_kernel_matches_reference_rescale_and_count(dtype, rescale, consensus):
+    base, ts = _models((19, 21), 3, dtype, KERNEL_DEVICE)
+    kw = dict(method="ties", density=0.4, rescale=rescale, consensus=consensus)
+    expected = se.merge_task_vectors(base, ts, [1.0, 0.7, 0.4], backend="reference", **kw)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.7, 0.4], backend="triton", **kw)
+    # the norms are summed in another order: the rescaled deltas may differ in the last bit
+    assert_rel_close(got, expected, RTOL[dtype], f"ties rescale={rescale}")
+
+
+def test_kernel_mixed_input_dtype_and_empty():
+    base = torch.randn(5, 6, device=KERNEL_DEVICE)
+    ts = [torch.randn(5, 6, device=KERNEL_DEVICE).to(torch.bfloat16)]
+    expected = se.merge_task_vectors(base, ts, [1.0], method="ties", density=0.5, backend="reference")
+    assert torch.equal(se.merge_task_vectors(base, ts, [1.0], method="ties", density=0.5, backend="triton"), expected)
+    empty = torch.empty(0, 4, device=KERNEL_DEVICE)
+    assert se.merge_task_vectors(empty, [empty], [1.0], method="ties", density=0.5, backend="triton").shape == (0, 4)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy sees inf * 0
+def test_kernel_flags_non_finite_inputs():
+    base, ts = _models((8, 8), 2, torch.float32, KERNEL_DEVICE)
+    ts[1][3, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"tensors\[1\] contains NaN/Inf"):
+        se.merge_task_vectors(base, ts, [1.0, 1.0], method="task_arithmetic", backend="triton")
+    base[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="base contains"):
+        se.merge_task_vectors(base, ts[:1], [1.0], method="ties", density=0.5, backend="triton")
+
+
+# ---------------------------------------------------------------- random methods
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dare_linear_keep_rate_rescale_and_reproducibility(backend):
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    base, ts = _models((64, 64), 1, torch.float32, dev)
+    delta = ts[0] - base
+    kw = dict(method="dare_linear", density=0.3, backend=backend)
+    out = se.merge_task_vectors(base, ts, [1.0], rescale=False, **kw)
+    kept = (out - base).abs() > 0
+    rate = kept.float().mean().item()
+    assert abs(rate - 0.3) < 0.03  # 4096 draws: sd 0.007
+    assert torch.allclose((out - base)[kept], delta[kept], atol=1e-6)  # kept entries keep their value
+    # rescale=True (mergekit: match the L1 norm of the delta)
+    out = se.merge_task_vectors(base, ts, [1.0], **kw)
+    assert abs((out - base).abs().sum().item() / delta.abs().sum().item() - 1) < 1e-4
+    g1, g2 = (torch.Generator(device=dev).manual_seed(7) for _ in range(2))
+    a = se.merge_task_vectors(base, ts, [1.0], generator=g1, **kw)
+    b = se.merge_task_vectors(base, ts, [1.0], generator=g2, **kw)
+    assert torch.equal(a, b)
+    c = se.merge_task_vectors(base, ts, [1.0], generator=torch.Generator(device=dev).manual_seed(8), **kw)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dare_expected_value(backend):
+    """DARE with the L1 rescale is unbiased: over many seeds the mean approaches the unsparsified merge."""
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    base, ts = _models((16, 64), 2, torch.float32, dev)
+    full = se.merge_task_vectors(base, ts, [0.5, 0.5], method="task_arithmetic", backend="reference")
+    acc = torch.zeros_like(base)
+    reps = 40
+    for s in range(reps):
+        g = torch.Generator(device=dev).manual_seed(s)
+        acc += se.merge_task_vectors(base, ts, [0.5, 0.5], method="dare_linear", density=0.5, generator=g,
+                                     backend=backend)
+    err = ((acc / reps - full).norm() / (full - base).norm()).item()
+    assert err < 0.25, err  # sampling noise alone gives about sqrt(1 / reps) = 0.16
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_keep_rate_favours_large_entries(backend, method):
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    base, ts = _models((64, 64), 1, torch.float32, dev)
+    delta = (ts[0] - base).abs()
+    out = se.merge_task_vectors(base, ts, [1.0], method=method, density=0.5, epsilon=0.2, rescale=False,
+                                generator=torch.Generator(device=dev).manual_seed(1), backend=backend)
+    kept = (out - base) != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.03
+    large = delta >= delta.median(dim=1, keepdim=True).values
+    assert kept[large].float().mean() > kept[~large].float().mean() + 0.1  # about 0.6 against 0.4
+
+
+# ---------------------------------------------------------------- state dicts
+
+def test_merge_state_dicts_streams_and_skips():
+    base = {"a.weight": torch.randn(6, 5), "embed_tokens.weight": torch.randn(10, 4), "steps": torch.tensor([3])}
+    ft = [{k: (v + 0.1 * torch.randn_like(v.float())).to(v.dtype) if v.is_floating_point() else v
+           for k, v in base.items()} for _ in range(2)]
+    ft[0]["embed_tokens.weight"] = torch.randn(12, 4)   # a larger vocabulary: cut to the base's rows
+    ft[1]["a.weight"] = torch.randn(5, 5)               # another shape: left out
+    out = merge_state_dicts(base, ft, [1.0, 0.5], method="ties", density=0.5, backend="reference")
+    assert set(out) == set(base) and torch.equal(out["steps"], base["steps"])
+    exp_a = se.merge_task_vectors(base["a.weight"], [ft[0]["a.weight"]], [1.0], method="ties", density=0.5)
+    assert torch.equal(out["a.weight"], exp_a)
+    exp_e = se.merge_task_vectors(base["embed_tokens.weight"], [ft[0]["embed_tokens.weight"][:10],
+                                  ft[1]["embed_tokens.weight"]], [1.0, 0.5], method="ties", density=0.5)
+    assert torch.equal(out["embed_tokens.weight"], exp_e)
+
+
+def test_merge_safetensors_reader(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsity_engine.merge import LazySafetensors
+
+    sd = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    lazy = LazySafetensors(str(tmp_path))
+    assert set(lazy) == {"w", "b"} and torch.equal(lazy["w"], sd["w"])
+    out = merge_state_dicts(lazy, [sd], [1.0], method="task_arithmetic")
+    assert torch.equal(out["w"], sd["w"])
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs,err", [
+    (dict(method="tie"), "method must be one of"),
+    (dict(method="ties", density=1.5), "density must be in"),
+    (dict(method="ties", density=[0.5]), "density must be a number or a list of 2"),
+    (dict(method="ties", weights=[1.0]), "weights must have one entry per model"),
+    (dict(method="ties", weights=[1.0, float("nan")]), r"weights\[1\] must be finite"),
+    (dict(method="ties", rescale="l3"), "rescale must be one of"),
+    (dict(method="ties", consensus="majority"), "consensus must be one of"),
+    (dict(method="della", epsilon=-0.1), "epsilon must be in"),
+    (dict(method="ties", lambda_=float("inf")), "lambda_ must be finite"),
+])
+def test_merge_bad_arguments(kwargs, err):
+    base, ts = _models((4, 4), 2, torch.float32)
+    weights = kwargs.pop("weights", [1.0, 1.0])
+    with pytest.raises((ValueError, TypeError), match=err):
+        se.merge_task_vectors(base, ts, weights, **kwargs)
+
+
+def test_merge_bad_tensors():
+    base, ts = _models((4, 4), 2, torch.float32)
+    with pytest.raises(ValueError, match=r"tensors\[1\] must have the shape of base"):
+        se.merge_task_vectors(base, [ts[0], torch.randn(4, 5)], [1.0, 1.0], method="ties")
+    with pytest.raises(TypeError, match="tensors must be a non-empty list"):
+        se.merge_task_vectors(base, [], [], method="ties")
+    with pytest.raises(TypeError, match="base must have dtype"):
+        se.merge_task_vectors(base.long(), ts, [1.0, 1.0], method="ties")
+    bad = ts[0].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"tensors\[0\] contains 1 NaN"):
+        se.merge_task_vectors(base, [bad, ts[1]], [1.0, 1.0], method="ties", backend="reference")
+    with pytest.raises(ValueError, match="method must be one of"):
+        se.ties_consensus(torch.randn(2, 3), "majority")
+    with pytest.raises(ValueError, match=r"deltas\[1\] must have the shape"):
+        se.ties_consensus([torch.randn(3), torch.randn(4)])
+    with pytest.raises(ValueError, match="density must be in"):
+        magnitude_outliers(torch.randn(8), -0.1)
+
+
+# ---------------------------------------------------------------- GPU, real sizes
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_cuda_real_size_matches_reference(method):
+    base, ts = _models((4096, 4096), 3, torch.bfloat16, "cuda", scale=0.01)
+    kw = dict(method=method, density=0.3, gamma=0.01)
+    expected = se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], backend="reference", **kw)
+    _poison_allocator(base)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], backend="triton", **kw)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_real_size_dare_ties():
+    base, ts = _models((4096, 4096), 3, torch.float32, "cuda", scale=0.01)
+    out = se.merge_task_vectors(base, ts, [1.0, 1.0, 1.0], method="dare_linear", density=0.1, rescale=False,
+                                backend="triton")
+    rate = ((out - base) != 0).float().mean().item()
+    assert abs(rate - (1 - 0.9 ** 3)) < 0.01  # kept by at least one of three models
+    base, ts = base.bfloat16(), [t.bfloat16() for t in ts]
+    g = [torch.Generator(device="cuda").manual_seed(3) for _ in range(2)]
+    a, b = (se.merge_task_vectors(base, ts, [1.0] * 3, method="dare_ties", density=0.2, generator=x, backend="triton")
+            for x in g)
+    assert torch.equal(a, b)
