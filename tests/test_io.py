@@ -1,0 +1,309 @@
+"""io: atomic writes, safetensors round trips and sharding, the lazy reader, manifests, output folders."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sparsity_engine import io as se_io
+
+
+def _files(folder):
+    return sorted(os.listdir(folder))
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def test_atomic_write_bytes_and_text(tmp_path):
+    p = tmp_path / "a.bin"
+    with se_io.atomic_write(p, "wb") as f:
+        f.write(b"\x00\x01hello")
+    assert p.read_bytes() == b"\x00\x01hello"
+    with se_io.atomic_write(str(p), "w") as f:
+        f.write("héllo")
+    assert p.read_text(encoding="utf-8") == "héllo"
+    assert _files(tmp_path) == ["a.bin"]  # no temporary file left
+
+
+def test_atomic_write_crash_leaves_no_file(tmp_path):
+    p = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="boom"):
+        with se_io.atomic_write(p) as f:
+            f.write(b"partial data")
+            raise RuntimeError("boom")
+    assert _files(tmp_path) == []
+
+
+def test_atomic_write_crash_keeps_old_content(tmp_path):
+    p = tmp_path / "out.txt"
+    p.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with se_io.atomic_write(p, "w") as f:
+            f.write("new but incomplete")
+            raise KeyboardInterrupt
+    assert p.read_text() == "old"
+    assert _files(tmp_path) == ["out.txt"]
+
+
+def test_atomic_write_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        with se_io.atomic_write(tmp_path / "x", "ab"):
+            pass
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        with se_io.atomic_write(tmp_path / "missing" / "x"):
+            pass
+    with pytest.raises(TypeError, match="path"):
+        with se_io.atomic_write(3):
+            pass
+
+
+def test_write_json_atomic(tmp_path):
+    p = tmp_path / "r.json"
+    se_io.write_json_atomic(p, {"a": [1, 2.5, None], "b": "x"})
+    assert json.loads(p.read_text()) == {"a": [1, 2.5, None], "b": "x"}
+    with pytest.raises(TypeError, match="JSON"):
+        se_io.write_json_atomic(tmp_path / "bad.json", {"t": object()})
+    with pytest.raises(TypeError, match="JSON"):
+        se_io.write_json_atomic(tmp_path / "nan.json", {"x": float("nan")})
+    assert _files(tmp_path) == ["r.json"]
+
+
+# ---------------------------------------------------------------- safetensors
+
+def _tensors():
+    base = torch.randn(6, 10)
+    return {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c.t": torch.randn(4, 6).t(),             # non-contiguous
+        "tied.0": base, "tied.1": base,           # shared storage
+        "slice": base[2:4],                       # view of part of a storage
+        "ints": torch.arange(5, dtype=torch.int64),
+        "empty": torch.empty(0, 3),
+        "half": torch.randn(2, 2).half(),
+    }
+
+
+def _assert_same(got, expected):
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def test_save_safetensors_atomic_round_trip(tmp_path):
+    ts = _tensors()
+    p = se_io.save_safetensors_atomic(ts, tmp_path / "x.safetensors", metadata={"note": "hi"})
+    assert _files(tmp_path) == ["x.safetensors"]
+    with safe_open(p, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "hi"}
+        for k, v in ts.items():
+            _assert_same(f.get_tensor(k), v)
+    assert ts["c.t"].is_contiguous() is False  # the input is never modified
+
+
+def test_save_safetensors_bad_input_leaves_no_file(tmp_path):
+    with pytest.raises(TypeError, match="metadata"):
+        se_io.save_safetensors_atomic({"a": torch.ones(2)}, tmp_path / "x.safetensors", metadata={"k": 1})
+    with pytest.raises(TypeError, match="'a'"):
+        se_io.save_safetensors_atomic({"a": [1, 2]}, tmp_path / "x.safetensors")
+    assert _files(tmp_path) == []
+
+
+def test_sharded_writer_single_shard(tmp_path):
+    ts = _tensors()
+    w = se_io.ShardedSafetensorsWriter(tmp_path)
+    for k, v in ts.items():
+        w.add(k, v)
+    index = w.close()
+    assert _files(tmp_path) == ["model.safetensors"]
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in ts.values())
+    r = se_io.SafetensorsReader(tmp_path)
+    assert sorted(r.keys()) == sorted(ts) and r.metadata == {"format": "pt"} and len(r) == len(ts)
+    for k, v in ts.items():
+        _assert_same(r.get(k), v)
+
+
+@pytest.mark.parametrize("max_bytes", [1, 40, 64, 100, 4 * 25 - 1])
+def test_sharded_writer_boundaries(tmp_path, max_bytes):
+    # five fp32 tensors of 25 elements (100 bytes) and one of 10 (40 bytes)
+    ts = {f"w{i}": torch.randn(25) for i in range(5)}
+    ts["small"] = torch.randn(10)
+    with se_io.ShardedSafetensorsWriter(tmp_path, max_shard_bytes=max_bytes) as w:
+        for k, v in ts.items():
+            w.add(k, v)
+    files = _files(tmp_path)
+    index = json.loads((tmp_path / se_io.INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    # any limit below 2 tensors' size gives one tensor per shard, a tensor over the limit alone in its shard
+    assert len(shards) == 6
+    assert shards == [se_io.shard_name(i, 6) for i in range(1, 7)] and shards[0] == "model-00001-of-00006.safetensors"
+    assert files == sorted(shards + [se_io.INDEX_FILE])
+    assert index["metadata"]["total_size"] == 5 * 100 + 40
+    r = se_io.SafetensorsReader(tmp_path)
+    assert set(r.keys()) == set(ts)
+    for k, v in ts.items():
+        _assert_same(r.get(k), v)
+
+
+def test_sharded_writer_packs_up_to_limit(tmp_path):
+    ts = {f"w{i}": torch.randn(25) for i in range(5)}  # 100 bytes each
+    with se_io.ShardedSafetensorsWriter(tmp_path, max_shard_bytes=200) as w:
+        for k, v in ts.items():
+            w.add(k, v)
+    index = json.loads((tmp_path / se_io.INDEX_FILE).read_text())
+    assert index["weight_map"] == {"w0": "model-00001-of-00003.safetensors", "w1": "model-00001-of-00003.safetensors",
+                                   "w2": "model-00002-of-00003.safetensors", "w3": "model-00002-of-00003.safetensors",
+                                   "w4": "model-00003-of-00003.safetensors"}
+    with safe_open(str(tmp_path / "model-00002-of-00003.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == ["w2", "w3"]
+
+
+def test_sharded_writer_holds_one_shard(tmp_path, monkeypatch):
+    writer = se_io.ShardedSafetensorsWriter(tmp_path, max_shard_bytes=250)
+    peak = 0
+    for i in range(8):
+        writer.add(f"w{i}", torch.randn(25))
+        peak = max(peak, writer._current_bytes)
+        assert len(writer._current) <= 2
+    writer.close()
+    assert peak <= 250
+
+
+def test_sharded_writer_replaces_other_layout(tmp_path):
+    with se_io.ShardedSafetensorsWriter(tmp_path, max_shard_bytes=100) as w:
+        for i in range(3):
+            w.add(f"w{i}", torch.randn(25))
+    assert len(_files(tmp_path)) == 4
+    with se_io.ShardedSafetensorsWriter(tmp_path) as w:  # same folder, now one shard
+        w.add("only", torch.ones(3))
+    assert _files(tmp_path) == ["model.safetensors"]
+    assert se_io.SafetensorsReader(tmp_path).keys() == ["only"]
+
+
+def test_sharded_writer_removes_partials_of_a_killed_writer(tmp_path):
+    (tmp_path / ".shard-00001.safetensors.partial").write_bytes(b"half a shard")
+    (tmp_path / "config.json").write_text("{}")
+    with se_io.ShardedSafetensorsWriter(tmp_path) as w:
+        w.add("a", torch.ones(2))
+    assert _files(tmp_path) == ["config.json", "model.safetensors"]
+
+
+def test_sharded_writer_errors_and_abort(tmp_path):
+    w = se_io.ShardedSafetensorsWriter(tmp_path, max_shard_bytes=50)
+    w.add("a", torch.randn(25))
+    with pytest.raises(ValueError, match="already added"):
+        w.add("a", torch.randn(2))
+    w.add("b", torch.randn(25))  # writes shard 1 to a temporary name
+    with pytest.raises(RuntimeError):
+        with w:
+            raise RuntimeError("crash")
+    assert _files(tmp_path) == []  # abort removed the temporary shard
+    with pytest.raises(RuntimeError, match="after close"):
+        w.add("c", torch.ones(1))
+    with pytest.raises(ValueError, match="max_shard_bytes"):
+        se_io.ShardedSafetensorsWriter(tmp_path, max_shard_bytes=0)
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        se_io.SafetensorsReader(tmp_path / "nope")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="pytorch_model.bin|pickle"):
+        se_io.SafetensorsReader(tmp_path)
+    se_io.save_safetensors_atomic({"a": torch.ones(2)}, tmp_path / "model.safetensors")
+    r = se_io.SafetensorsReader(tmp_path)
+    with pytest.raises(KeyError, match="'zz'"):
+        r.get("zz")
+    # an index naming a missing shard
+    sub = tmp_path / "sharded"
+    sub.mkdir()
+    se_io.write_json_atomic(sub / se_io.INDEX_FILE,
+                            {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002"):
+        se_io.SafetensorsReader(sub)
+
+
+def test_reader_single_file_path_and_other_name(tmp_path):
+    p = se_io.save_safetensors_atomic({"x": torch.arange(3.0)}, tmp_path / "adapter.safetensors")
+    assert se_io.SafetensorsReader(p).get("x").tolist() == [0.0, 1.0, 2.0]
+    assert se_io.SafetensorsReader(tmp_path).keys() == ["x"]
+
+
+# ---------------------------------------------------------------- manifest and output folders
+
+def test_manifest_persist_and_resume(tmp_path):
+    m = se_io.Manifest(tmp_path)
+    assert m.done == set() and m.info(0) is None
+    m.mark_done(0, {"file": "blocks/block_00000.safetensors", "err": 0.5})
+    m.mark_done(1, {"file": "b1"})
+    again = se_io.Manifest(tmp_path)  # a new process after a crash
+    assert again.done == {0, 1}
+    assert again.info(0) == {"file": "blocks/block_00000.safetensors", "err": 0.5}
+    with pytest.raises(TypeError, match="info"):
+        again.mark_done(2, {"bad": object()})
+    assert se_io.Manifest(tmp_path).done == {0, 1}  # failed mark left the file intact
+    with pytest.raises(ValueError, match="block"):
+        again.mark_done(-1, {})
+    assert _files(tmp_path) == [se_io.MANIFEST_FILE]
+
+
+def test_manifest_crash_during_save_keeps_previous(tmp_path, monkeypatch):
+    m = se_io.Manifest(tmp_path)
+    m.mark_done(0, {})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(se_io.atomic.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        m.mark_done(1, {})
+    monkeypatch.undo()
+    assert m.done == {0}
+    assert se_io.Manifest(tmp_path).done == {0}
+    assert _files(tmp_path) == [se_io.MANIFEST_FILE]
+
+
+def test_manifest_corrupt_file(tmp_path):
+    (tmp_path / se_io.MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="progress"):
+        se_io.Manifest(tmp_path)
+
+
+def test_prepare_output_dir_refuses_input(tmp_path):
+    inp = tmp_path / "model"
+    inp.mkdir()
+    (inp / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is the input folder input_dirs\\[0\\]"):
+        se_io.prepare_output_dir(inp, input_dirs=[inp], overwrite=True)
+    with pytest.raises(ValueError, match="inside the input folder input_dirs\\[1\\]"):
+        se_io.prepare_output_dir(inp / "pruned", input_dirs=[tmp_path / "other", inp])
+    with pytest.raises(ValueError, match="contains the input folder"):
+        se_io.prepare_output_dir(tmp_path, input_dirs=[inp], overwrite=True)
+    link = tmp_path / "link"
+    link.symlink_to(inp)
+    with pytest.raises(ValueError, match="input folder"):
+        se_io.prepare_output_dir(link / "out", input_dirs=[inp])
+    assert not (inp / "pruned").exists() and not (inp / "out").exists()
+
+
+def test_prepare_output_dir_nonempty_resume_overwrite(tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    out = tmp_path / "out"
+    assert se_io.prepare_output_dir(out, input_dirs=[inp]) == str(out)
+    assert out.is_dir()
+    se_io.prepare_output_dir(out, input_dirs=[inp])  # empty: fine
+    se_io.Manifest(out).mark_done(0, {"x": 1})
+    with pytest.raises(ValueError, match="out_dir .* is not empty.*resume=True.*overwrite=True"):
+        se_io.prepare_output_dir(out, input_dirs=[inp])
+    se_io.prepare_output_dir(out, input_dirs=[inp], resume=True)
+    assert se_io.Manifest(out).done == {0}  # resume keeps progress
+    se_io.prepare_output_dir(out, input_dirs=[inp], overwrite=True)
+    assert se_io.Manifest(out).done == set()  # overwrite starts over
+    with pytest.raises(ValueError, match="resume=True and overwrite=True"):
+        se_io.prepare_output_dir(out, input_dirs=[inp], resume=True, overwrite=True)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        se_io.prepare_output_dir(f, input_dirs=[inp])
