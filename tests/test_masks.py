@@ -54,3 +54,423 @@ def test_nm_mask_kernel_matches_reference(backend, dtype, shape, n, m):
 def test_nm_mask_bad_input(bad, err):
     with pytest.raises((ValueError, TypeError), match=err):
         se.nm_mask(bad["scores"], bad["n"], bad["m"])
+
+
+# ---------------------------------------------------------------- shared for the ops below
+
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+from helpers import RTOL, assert_rel_close, poison_like  # noqa: E402,F401
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _masks_triton():
+    import sparsity_engine.ops.masks.triton as mt
+    return mt
+
+
+def _binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
+    return abs(kept - n * p) <= z * math.sqrt(n * p * (1 - p)) + 1
+
+
+# ---------------------------------------------------------------- topk_mask: reference
+
+def test_topk_mask_hand_example():
+    x = torch.tensor([3.0, -1.0, 2.0, 2.0, 0.5, -4.0])
+    # k = int(0.5 * 6) = 3: 3.0, then the tie at 2.0 (both), ... -> 3.0, 2.0, 2.0
+    assert se.topk_mask(x, 0.5, backend="reference").tolist() == [True, False, True, True, False, False]
+    # k = 2: 3.0 and the lower-index 2.0
+    assert se.topk_mask(x, 0.4, backend="reference").tolist() == [True, False, True, False, False, False]
+    assert not se.topk_mask(x, 0.0, backend="reference").any()
+    assert se.topk_mask(x, 1.0, backend="reference").all()
+
+
+def test_topk_mask_hand_example_per_dim():
+    x = torch.tensor([[1.0, 5.0, 5.0], [0.0, -2.0, 7.0]])
+    got = se.topk_mask(x, 0.5, dim=0, backend="reference")  # k = int(0.5 * 2) = 1 per column
+    assert got.tolist() == [[True, True, False], [False, False, True]]
+    got = se.topk_mask(x, 0.7, dim=1, backend="reference")  # k = int(0.7 * 3) = 2 per row; 5 vs 5 tie
+    assert got.tolist() == [[False, True, True], [True, False, True]]
+    got = se.topk_mask(x, 0.34, dim=-1, backend="reference")  # k = 1: the first of the tied 5.0s
+    assert got.tolist() == [[False, True, False], [False, False, True]]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.37, 0.5, 0.99, 1.0])
+def test_topk_mask_reference_properties(density):
+    x = torch.randint(-3, 4, (23, 17)).float()  # many ties
+    mask = se.topk_mask(x, density, backend="reference")
+    k = int(density * x.numel())
+    assert mask.sum().item() == k
+    if 0 < k < x.numel():
+        assert x[mask].min() >= x[~mask].max()
+        thr = x[mask].min()
+        tied = (x == thr).flatten().nonzero().flatten()
+        kept = mask.flatten()[tied]
+        # the kept ties are a prefix of the tied positions (lower flat index first)
+        assert torch.equal(kept, torch.sort(kept.int(), descending=True, stable=True).values.bool())
+    per_row = se.topk_mask(x, density, dim=1, backend="reference")
+    assert (per_row.sum(1) == int(density * 17)).all()
+
+
+def test_topk_mask_zero_signs_tie():
+    x = torch.tensor([-0.0, 0.0, -1.0, -0.0])
+    assert se.topk_mask(x, 0.5, backend="reference").tolist() == [True, True, False, False]
+
+
+# ---------------------------------------------------------------- topk_mask / magnitude_prune: kernels
+
+def _with_ties(shape, dtype):
+    x = torch.randn(shape, device=KERNEL_DEVICE).to(dtype)
+    if x.numel() >= 4:
+        flat = x.view(-1)
+        flat[: flat.numel() // 4] = flat[flat.numel() // 2]  # a block of exact ties
+        flat[-1] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (5, 33), (3, 4, 5), (2, 0, 3)])
+def test_topk_mask_kernel_matches_reference(backend, dtype, shape):
+    x = _with_ties(shape, dtype)
+    dims = [None] + list(range(-1, len(shape)))
+    for density in (0.0, 0.3, 1.0):
+        for dim in dims:
+            expected = se.topk_mask(x, density, dim=dim, backend="reference")
+            got = se.topk_mask(x, density, dim=dim, backend=backend)
+            assert got.dtype == torch.bool and got.shape == x.shape
+            assert torch.equal(got, expected), (density, dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 53), (1000,)])
+def test_topk_mask_radix_path_matches_reference(monkeypatch, dtype, shape):
+    monkeypatch.setattr(_masks_triton(), "SINGLE_PROGRAM_MAX", 64)  # force the multi-pass radix select
+    x = _with_ties(shape, dtype)
+    for density in (0.01, 0.25, 0.5, 0.9):
+        assert torch.equal(se.topk_mask(x, density, backend="triton"),
+                           se.topk_mask(x, density, backend="reference")), density
+        assert torch.equal(se.magnitude_prune(x, density, backend="triton"),
+                           se.magnitude_prune(x, density, backend="reference")), density
+
+
+def test_topk_mask_chunked_rows_match_reference(monkeypatch):
+    monkeypatch.setattr(_masks_triton(), "_ROW_BLOCK_MAX", 16)  # rows longer than one block
+    x = _with_ties((3, 40), torch.float32)
+    for density in (0.1, 0.6):
+        assert torch.equal(se.topk_mask(x, density, dim=1, backend="triton"),
+                           se.topk_mask(x, density, dim=1, backend="reference"))
+        assert torch.equal(se.magnitude_prune(x[:1], density, backend="triton"),
+                           se.magnitude_prune(x[:1], density, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [None, "l1", "l2", "linf"])
+def test_magnitude_prune_kernel_matches_reference(dtype, norm):
+    x = _with_ties((9, 31), dtype)
+    for density in (0.1, 0.5, 0.95):
+        expected = se.magnitude_prune(x, density, rescale_norm=norm, backend="reference")
+        got = se.magnitude_prune(x, density, rescale_norm=norm, backend="triton")
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- magnitude_prune: reference
+
+def test_magnitude_prune_hand_example():
+    x = torch.tensor([3.0, -1.0, 2.0, 2.0, 0.5, -4.0])
+    # k = 3: |-4|, |3|, then the tie |2| at index 2 wins over index 3
+    assert se.magnitude_prune(x, 0.5, backend="reference").tolist() == [3.0, 0.0, 2.0, 0.0, 0.0, -4.0]
+    l1 = se.magnitude_prune(x, 0.5, rescale_norm="l1", backend="reference")
+    assert torch.allclose(l1, torch.tensor([3.0, 0, 2, 0, 0, -4]) * (12.5 / 9.0))
+    l2 = se.magnitude_prune(x, 0.5, rescale_norm="l2", backend="reference")
+    assert torch.allclose(l2, torch.tensor([3.0, 0, 2, 0, 0, -4]) * math.sqrt(34.25 / 29.0))
+    linf = se.magnitude_prune(x, 0.5, rescale_norm="linf", backend="reference")
+    assert torch.equal(linf, torch.tensor([3.0, 0, 2, 0, 0, -4]))
+
+
+def test_magnitude_prune_density_one_returns_a_copy():
+    x = torch.randn(4, 5)
+    out = se.magnitude_prune(x, 1.0)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    out.zero_()
+    assert x.abs().sum() > 0
+
+
+def test_magnitude_prune_rescale_keeps_norm():
+    x = torch.randn(40, 30)
+    for norm, f in [("l1", lambda t: t.abs().sum()), ("l2", torch.linalg.norm),
+                    ("linf", lambda t: t.abs().max())]:
+        out = se.magnitude_prune(x, 0.3, rescale_norm=norm, backend="reference")
+        assert (out != 0).sum() == int(0.3 * x.numel())
+        assert torch.allclose(f(out), f(x), rtol=1e-5)
+
+
+def test_magnitude_prune_does_not_modify_input():
+    x = torch.randn(8, 8)
+    before = x.clone()
+    se.magnitude_prune(x, 0.5, rescale_norm="l2")
+    assert torch.equal(x, before)
+
+
+# ---------------------------------------------------------------- DARE
+
+def test_dare_reference_is_mergekit_bernoulli():
+    x = torch.randn(50, 40)
+    got = se.dare(x, 0.3, generator=torch.Generator().manual_seed(7), backend="reference")
+    mask = torch.bernoulli(torch.full_like(x, 0.3), generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(got, x * mask / 0.3)
+    plain = se.dare(x, 0.3, rescale=False, generator=torch.Generator().manual_seed(7), backend="reference")
+    assert torch.equal(plain, x * mask)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_dare_keep_rate_and_rescale(backend, density):
+    x = torch.rand(64, 128, device=KERNEL_DEVICE) + 0.5  # no zeros: a zero output means dropped
+    out = se.dare(x, density, backend=backend)
+    kept = out != 0
+    assert _binomial_ok(int(kept.sum()), x.numel(), density)
+    assert torch.allclose(out[kept], x[kept] / density, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dare_expectation_is_input(backend):
+    x = torch.randn(4096, device=KERNEL_DEVICE)
+    g = torch.Generator(device=KERNEL_DEVICE).manual_seed(3)
+    draws = torch.stack([se.dare(x, 0.4, generator=g, backend=backend) for _ in range(100)])
+    # per element var = x^2 (1 - d) / d; the mean over draws and elements is within a few sigma of x's
+    sigma = math.sqrt(float((x ** 2).sum()) * 0.6 / 0.4 / 100) / x.numel()
+    assert abs(float(draws.mean(0).sum() - x.sum())) / x.numel() < 5 * sigma
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dare_reproducible_with_generator(backend):
+    x = torch.randn(33, 65, device=KERNEL_DEVICE)
+    a = se.dare(x, 0.5, generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(11), backend=backend)
+    b = se.dare(x, 0.5, generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(11), backend=backend)
+    c = se.dare(x, 0.5, generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(12), backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 1000), (7, 5, 3)])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dare_kernel_matches_its_uniforms(dtype, shape, rescale):
+    mt = _masks_triton()
+    x = torch.randn(shape, device=KERNEL_DEVICE).to(dtype)
+    out = mt.dare_with_seed(x, 0.3, rescale, seed=1234)
+    u = mt.philox_uniforms(1234, x.numel(), x.device).view(shape)
+    p = float(torch.tensor(0.3, dtype=dtype if x.is_cuda or dtype == torch.bfloat16 else torch.float32))
+    scale = 1 / 0.3 if rescale else 1.0
+    expected = torch.where(u < p, x.float() * scale, 0.0).to(dtype)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_rel_close(out.float(), expected.float(), RTOL[dtype], "dare")
+    assert torch.equal(out != 0, expected != 0)
+
+
+def test_dare_edge_densities():
+    x = torch.randn(10)
+    assert torch.equal(se.dare(x, 0.0), torch.zeros(10))
+    one = se.dare(x, 1.0)
+    assert torch.equal(one, x) and one.data_ptr() != x.data_ptr()
+
+
+# ---------------------------------------------------------------- DELLA: reference
+
+def test_della_probabilities_hand_example():
+    from sparsity_engine.ops.masks.reference import della_probabilities
+    x = torch.tensor([[0.1, -0.4, 0.3, 0.2], [1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 2.0, 0.0]])
+    p = della_probabilities(x, 0.5, 0.3)
+    # ranks 0..3 map linearly onto 0.2 .. 0.8; a constant row is all 0.5; the tie |1| = |-1| shares rank 1.5
+    expected = torch.tensor([[0.2, 0.8, 0.6, 0.4], [0.5] * 4, [0.5, 0.5, 0.8, 0.2]])
+    assert torch.allclose(p, expected, atol=1e-6)
+    assert torch.allclose(della_probabilities(torch.randn(5, 1), 0.3, 0.1), torch.full((5, 1), 0.3))
+
+
+def test_della_probabilities_monotone_in_magnitude():
+    from sparsity_engine.ops.masks.reference import della_probabilities
+    x = torch.randn(8, 300)
+    p = della_probabilities(x, 0.4, 0.2)
+    order = x.abs().argsort(dim=1)
+    assert (torch.diff(torch.gather(p, 1, order), dim=1) >= 0).all()
+    assert torch.allclose(p.min(1).values, torch.full((8,), 0.2)) and torch.allclose(p.max(1).values,
+                                                                                       torch.full((8,), 0.6))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_della_keep_frequency_follows_rank(backend):
+    row = torch.tensor([0.1, -0.5, 0.9, 0.3, -0.7])  # ranks 0, 2, 4, 1, 3
+    reps = 2000 if KERNEL_DEVICE == "cuda" or backend == "reference" else 100  # the interpreter is slow
+    x = row.repeat(reps, 1).to(KERNEL_DEVICE)
+    out = se.della_magprune(x, 0.5, 0.4, backend=backend)
+    kept_per_column = (out != 0).sum(0).cpu()
+    p = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7])
+    for kept, q in zip(kept_per_column.tolist(), p.tolist()):
+        assert _binomial_ok(kept, reps, q, z=4.0)
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept])  # no 1/p factor without rescale_norm (as mergekit)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("shape", [(6, 1), (1,), (), (4, 7)])
+def test_della_never_nan(backend, shape):
+    for x in (torch.ones(shape), torch.zeros(shape), torch.full(shape, -2.5)):
+        for norm in (None, "l2"):
+            out = se.della_magprune(x.to(KERNEL_DEVICE), 0.5, 0.2, rescale_norm=norm, backend=backend)
+            assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_della_epsilon_shrinks_with_warning():
+    x = torch.randn(3, 50)
+    with pytest.warns(RuntimeWarning, match="epsilon"):
+        out = se.della_magprune(x, 0.9, 0.3)
+    assert torch.isfinite(out).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        se.della_magprune(x, 0.5, 0.5)  # exactly at the edge: allowed, probabilities 0 .. 1
+
+
+def test_della_rescale_norm_l1_keeps_norm():
+    x = torch.randn(20, 30)
+    out = se.della_magprune(x, 0.5, 0.1, rescale_norm="l1", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.abs().sum(), x.abs().sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_della_reproducible_with_generator(backend):
+    x = torch.randn(5, 40, device=KERNEL_DEVICE)
+    run = lambda s: se.della_magprune(x, 0.5, 0.2, backend=backend,  # noqa: E731
+                                      generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(s))
+    assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
+
+
+# ---------------------------------------------------------------- DELLA: kernel vs its uniforms
+
+def _della_expected(x, density, eps, seed):
+    from sparsity_engine.ops.masks.reference import della_probabilities
+    u = _masks_triton().philox_uniforms(seed, x.numel(), x.device).view(x.shape)
+    return torch.where(u < della_probabilities(x, density, eps), x, torch.zeros((), dtype=x.dtype,
+                                                                                 device=x.device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 4), (3, 1), (1, 7), (5, 33), (2, 3, 9)])
+def test_della_kernel_matches_probabilities(dtype, shape):
+    mt = _masks_triton()
+    x = _with_ties(shape, dtype)
+    out = mt.della_with_seed(x, 0.5, 0.3, None, seed=99)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, _della_expected(x, 0.5, 0.3, 99))
+
+
+def test_della_kernel_long_rows_path(monkeypatch):
+    mt = _masks_triton()
+    monkeypatch.setattr(mt, "DELLA_SORT_MAX", 8)
+    x = _with_ties((4, 21), torch.bfloat16)
+    assert torch.equal(mt.della_with_seed(x, 0.4, 0.2, None, seed=5), _della_expected(x, 0.4, 0.2, 5))
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+def test_della_kernel_rescale_norm(norm):
+    from sparsity_engine.ops.masks.reference import rescale_masked
+    mt = _masks_triton()
+    x = torch.randn(4, 16, device=KERNEL_DEVICE)
+    got = mt.della_with_seed(x, 0.5, 0.2, norm, seed=3)
+    assert torch.allclose(got, rescale_masked(x, _della_expected(x, 0.5, 0.2, 3), norm))
+
+
+# ---------------------------------------------------------------- bad input
+
+_NAN = torch.tensor([1.0, float("nan"), 2.0])
+
+
+@pytest.mark.parametrize("call,err", [
+    (lambda: se.topk_mask(_NAN, 0.5), "scores contains 1 NaN"),
+    (lambda: se.topk_mask(torch.randn(4), 1.5), r"density must be in \[0, 1\]"),
+    (lambda: se.topk_mask(torch.randn(4), -0.1), "density must be in"),
+    (lambda: se.topk_mask(torch.arange(4), 0.5), "scores must have dtype"),
+    (lambda: se.topk_mask(torch.randn(4, 4), 0.5, dim=2), "dim must be <= 1"),
+    (lambda: se.topk_mask(torch.randn(4, 4), 0.5, dim=1.0), "dim must be an int"),
+    (lambda: se.topk_mask(torch.tensor(1.0), 0.5, dim=0), "dim must be None"),
+    (lambda: se.magnitude_prune(_NAN, 0.5), "t contains 1 NaN"),
+    (lambda: se.magnitude_prune(torch.randn(4), 0.1), "keeps int"),
+    (lambda: se.magnitude_prune(torch.randn(4), 0.5, rescale_norm="l3"), "rescale_norm must be one of"),
+    (lambda: se.magnitude_prune(torch.randn(4), float("nan")), "density must be in"),
+    (lambda: se.dare(_NAN, 0.5), "t contains 1 NaN"),
+    (lambda: se.dare(torch.randn(4), 2.0), "density must be in"),
+    (lambda: se.dare(torch.randn(4), 0.5, rescale=1), "rescale must be a bool"),
+    (lambda: se.dare(torch.randn(4), 0.5, generator=3), "generator must be a torch.Generator"),
+    (lambda: se.dare(torch.randint(0, 3, (4,)), 0.5), "t must have dtype"),
+    (lambda: se.della_magprune(_NAN, 0.5, 0.1), "t contains 1 NaN"),
+    (lambda: se.della_magprune(torch.randn(4), 0.5, -0.1), "epsilon must be in"),
+    (lambda: se.della_magprune(torch.randn(4), "0.5", 0.1), "density must be a real number"),
+    (lambda: se.della_magprune(torch.randn(4), 0.5, 0.1, rescale_norm="max"), "rescale_norm must be one of"),
+])
+def test_mask_ops_bad_input(call, err):
+    with pytest.raises((ValueError, TypeError), match=err):
+        call()
+
+
+def test_triton_backend_says_why_for_float64():
+    from sparsity_engine import BackendUnavailableError
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        se.topk_mask(torch.randn(4, dtype=torch.float64, device=KERNEL_DEVICE), 0.5, backend="triton")
+
+
+# ---------------------------------------------------------------- GPU, real sizes
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_mask_cuda_real_sizes(dtype):
+    x = _with_ties((4096, 4096), dtype)
+    for density in (0.1, 0.5):
+        for dim in (None, 1, 0):
+            got = se.topk_mask(x, density, dim=dim, backend="triton")
+            assert torch.equal(got, se.topk_mask(x, density, dim=dim, backend="reference")), (density, dim)
+
+
+@pytest.mark.cuda
+def test_topk_mask_cuda_heavy_ties():
+    x = torch.randint(-50, 51, (4096, 4096), device="cuda").float()  # the threshold value is shared widely
+    for density in (0.1, 0.5):
+        for dim in (None, 1):
+            got = se.topk_mask(x, density, dim=dim, backend="triton")
+            assert torch.equal(got, se.topk_mask(x, density, dim=dim, backend="reference")), (density, dim)
+    assert torch.equal(se.magnitude_prune(x, 0.3, backend="triton"), se.magnitude_prune(x, 0.3, backend="reference"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_prune_cuda_llama_size(dtype):
+    x = _with_ties((11008, 4096), dtype)
+    for norm in (None, "l1"):
+        got = se.magnitude_prune(x, 0.3, rescale_norm=norm, backend="triton")
+        assert torch.equal(got, se.magnitude_prune(x, 0.3, rescale_norm=norm, backend="reference"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dare_cuda_llama_size(dtype):
+    mt = _masks_triton()
+    x = torch.randn(11008, 4096, device="cuda").to(dtype)
+    out = mt.dare_with_seed(x, 0.2, True, seed=77)
+    u = mt.philox_uniforms(77, x.numel(), x.device).view(x.shape)
+    p = float(torch.tensor(0.2, dtype=dtype))
+    expected = torch.where(u < p, x.float() / 0.2, 0.0).to(dtype)
+    assert_rel_close(out.float(), expected.float(), RTOL[dtype], "dare")
+    assert _binomial_ok(int((out != 0).sum()), x.numel() - int((x == 0).sum()), p)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096, 4096), (256, 11008), (64, 28672)])
+def test_della_cuda_real_sizes(dtype, shape):
+    mt = _masks_triton()
+    x = _with_ties(shape, dtype)
+    got = mt.della_with_seed(x, 0.4, 0.2, None, seed=8)
+    expected = _della_expected(x, 0.4, 0.2, 8)
+    # a draw may flip only where u and p agree to float rounding (p is formed in another order)
+    assert (got != expected).sum().item() <= max(2, x.numel() // 10**6)
