@@ -103,7 +103,9 @@ class Report:
         """Write <name>.json (and <name>.png via ``plot(ax, rows)``) to results/ and $SE_BENCH_OUT."""
         payload = {"name": self.name, "description": self.description, "env": self.env, "rows": self.rows}
         paths = []
-        for folder in filter(None, [RESULTS_DIR, os.environ.get("SE_BENCH_OUT")]):
+        # CPU runs are smoke tests: they never overwrite the GPU results kept in results/.
+        on_gpu = self.env["device"] != "cpu"
+        for folder in filter(None, [RESULTS_DIR if on_gpu else None, os.environ.get("SE_BENCH_OUT")]):
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{self.name}.json")
             tmp = path + ".tmp"
