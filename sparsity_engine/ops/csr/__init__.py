@@ -1,0 +1,168 @@
+"""CSR sparse linear layers: ``to_csr`` (dense/masked weight -> CSRMatrix) and ``csr_linear`` (x @ W^T + b).
+
+Backends: 'reference' (torch, exact: the dense weight rebuilt and F.linear), 'cuda' (csrc/csr.cu, a
+warp-per-row SpMV / small-batch SpMM for 1..16 tokens, the decode case), 'triton' (an SpMM for any number of
+tokens, used from 17 tokens on). With ``backend=None`` on CUDA tensors, :func:`csr_linear` also decides
+whether the sparse kernels can win at all, and otherwise runs dense cuBLAS (``F.linear``) on the rebuilt
+weight: see :data:`DISPATCH_RULE` and :func:`prefer_dense`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..._dispatch import choose, dispatch, import_backend, resolve_backend
+from ..._validate import FLOAT_DTYPES, check_tensor
+from .format import ALIGN, CSRMatrix, validate_csr
+from . import reference  # noqa: F401  (registers the oracle)
+
+import_backend(__name__, "triton")
+import_backend(__name__, "cuda")
+
+__all__ = ["CSRMatrix", "to_csr", "csr_linear", "prefer_dense", "DISPATCH_RULE", "DENSE_ENV_VAR", "ALIGN", "densify"]
+
+#: When is dense cuBLAS faster than our sparse kernels? Measured on one H100 (benchmarks/bench_csr.py,
+#: 2026-11-25, bf16/fp16, 4096x4096 .. 28672x8192, times with L2 flushed), the sparse CUDA kernel beats
+#: F.linear with the dense weight (ratio dense/ours):
+#:
+#:   tokens | 50% sparse  | 70%        | 80%        | 90%
+#:   1      | 0.92-1.02   | 1.33-1.58  | 1.62-2.19  | 2.13-3.90
+#:   4      | 0.78-0.93   | 1.04-1.47  | 1.22-1.99  | 1.51-3.26
+#:   8      | 0.57-0.81   | 0.70-1.24  | 0.83-1.62  | 1.04-2.46
+#:   16     | 0.31-0.43   | 0.44-0.66  | 0.55-0.88  | 0.72-1.37
+#:   64+    | the Triton SpMM is 20x-300x slower than dense: dense always
+#:
+#: so the sparse path is taken at most at the density (nnz / (N*K)) below for that many tokens T:
+DISPATCH_RULE: Tuple[Tuple[int, float], ...] = (
+    # (max tokens, max density for the sparse path); more tokens than the last entry: always dense
+    (1, 0.40),
+    (4, 0.32),
+    (8, 0.15),
+    (16, 0.06),
+)
+#: The rule compares against a dense weight that is AT HAND (``csr.dense_cache``, e.g. from
+#: ``CSRLinear(cache_dense=True)``). Without one, the fallback must first rebuild the dense weight, which
+#: and multiply costs 4x-6x a dense matmul (4096x4096: 78 us vs 19 us), so up to 16 tokens the sparse CUDA
+#: kernel is kept (at worst 3.2x dense's time, at 50% sparsity and 16 tokens), and from 17 tokens on the
+#: rebuild + F.linear runs (the Triton SpMM is far slower). Override per call with ``dense_fallback=`` or
+#: globally with the environment variable SPARSITY_ENGINE_CSR_DENSE = 'auto' | 'never' | 'always'.
+DENSE_ENV_VAR = "SPARSITY_ENGINE_CSR_DENSE"
+
+
+def to_csr(weight: torch.Tensor, *, index_dtype: Optional[torch.dtype] = None,
+           backend: Optional[str] = None) -> CSRMatrix:
+    """Convert a dense (or masked: pruned entries set to 0) weight [N, K] to a :class:`CSRMatrix`.
+
+    Exact zeros are dropped; values keep the weight's dtype (fp32/fp16/bf16). ``index_dtype`` defaults to
+    int16 when K <= 32767, else int32; asking for int16 with a larger K is a ValueError. The weight must be
+    finite (it is read once to check).
+    """
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, finite=True)
+    k = weight.shape[1]
+    if index_dtype is None:
+        index_dtype = torch.int16 if k <= 32767 else torch.int32
+    if index_dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
+    if index_dtype == torch.int16 and k > 32767:
+        raise ValueError(f"index_dtype int16 holds column indices up to 32767; weight has {k} columns")
+    csr = dispatch("to_csr", backend, weight.detach(), index_dtype)
+    csr.nnz  # noqa: B018  (computed once here, so the dispatch rule never syncs)
+    return csr
+
+
+def densify(csr: CSRMatrix) -> torch.Tensor:
+    """The dense weight [N, K]: one Triton scatter pass on CUDA (where Triton is there), else torch."""
+    if csr.values.is_cuda:
+        try:
+            from .triton import csr_to_dense
+        except ImportError:
+            return csr.to_dense()
+        return csr_to_dense(csr)
+    return csr.to_dense()
+
+
+def prefer_dense(tokens: int, density: float, dense_fallback: Optional[bool] = None, *,
+                 dense_at_hand: bool = True) -> bool:
+    """Whether ``csr_linear`` (backend=None, CUDA) runs dense F.linear instead of a sparse kernel.
+
+    ``dense_at_hand``: a dense copy of the weight exists (else it must be rebuilt first; see DISPATCH_RULE).
+    """
+    if dense_fallback is not None:
+        return bool(dense_fallback)
+    mode = os.environ.get(DENSE_ENV_VAR, "auto").strip().lower()
+    if mode == "never":
+        return False
+    if mode == "always":
+        return True
+    if mode not in ("", "auto"):
+        raise ValueError(f"{DENSE_ENV_VAR} must be 'auto', 'never' or 'always', got {mode!r}")
+    if not dense_at_hand:
+        return tokens > DISPATCH_RULE[-1][0]
+    for max_tokens, max_density in DISPATCH_RULE:
+        if tokens <= max_tokens:
+            return density > max_density
+    return True
+
+
+def _check_linear_args(x, csr, bias) -> None:
+    validate_csr(csr)
+    check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    n, k = csr.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have in_features={k} as its last dimension, got shape {tuple(x.shape)}")
+    if x.dtype != csr.dtype:
+        raise TypeError(f"x must have the weight dtype {csr.dtype}, got {x.dtype}")
+    if x.device != csr.device:
+        raise ValueError(f"x is on {x.device} but the CSR weight is on {csr.device}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(csr.dtype,))
+        if bias.shape[0] != n or bias.device != csr.device:
+            raise ValueError(f"bias must have shape ({n},) on {csr.device}, got {tuple(bias.shape)} on {bias.device}")
+
+
+_PLANS: Dict[tuple, object] = {}
+
+
+def _impl_for(backend, x2, csr, bias):
+    """The registered implementation for these inputs; cached by what its choice depends on."""
+    key = (resolve_backend(backend), x2.device, x2.dtype, csr.col_indices.dtype, x2.shape[0] <= 16,
+           bias is not None, os.environ.get("TRITON_INTERPRET", ""))
+    impl = _PLANS.get(key)
+    if impl is None:
+        impl = choose("csr_linear", backend, x2, csr, bias)
+        _PLANS[key] = impl
+    return impl
+
+
+def csr_linear(x: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor] = None, *,
+               backend: Optional[str] = None, dense_fallback: Optional[bool] = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` with W [N, K] given as a CSRMatrix; x [..., K] -> y [..., N] in x's dtype.
+
+    x must have the weight's dtype and device (as nn.Linear requires). The kernels accumulate in fp32.
+    ``backend=None`` on CUDA tensors: dense F.linear when :func:`prefer_dense` says sparse cannot win
+    (``dense_fallback=True/False`` forces it), else the best sparse kernel. A named backend always runs
+    that backend's sparse path.
+    """
+    _check_linear_args(x, csr, bias)
+    n, k = csr.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    tokens = x2.shape[0]
+    if tokens == 0 or n == 0 or k == 0:
+        out = torch.zeros(tokens, n, dtype=x.dtype, device=x.device)
+        if bias is not None:
+            out += bias
+        return out.reshape(*lead, n)
+    named = resolve_backend(backend)
+    dense = getattr(csr, "dense_cache", None)
+    if named is None and x.is_cuda and prefer_dense(tokens, csr.density, dense_fallback,
+                                                    dense_at_hand=dense is not None):
+        out = F.linear(x2, dense if dense is not None else densify(csr), bias)
+    else:
+        out = _impl_for(backend, x2, csr, bias).fn(x2, csr, bias)
+    return out.reshape(*lead, n)
