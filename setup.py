@@ -9,6 +9,7 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,14 +36,32 @@ class NvccBuildExt(build_ext):
         )
 
 
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (sparsity_engine/_csrc) so an installed wheel can build just in time."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reads the repository's csrc/ directly
+            return
+        target = os.path.join(self.build_lib, "sparsity_engine", "_csrc")
+        self.mkpath(target)
+        for name in sorted(os.listdir(os.path.join(HERE, "csrc"))):
+            if name.endswith((".cu", ".cpp", ".h", ".cuh", ".hpp", ".md")):
+                self.copy_file(os.path.join(HERE, "csrc", name), os.path.join(target, name))
+
+
 builder = _load_builder()
 nvcc = builder.find_nvcc()
+# pip runs this file once per build hook; say it once, in the hook that builds (not egg_info / dist_info)
+_building = not {"egg_info", "dist_info"} & set(sys.argv[1:])
 if nvcc and os.environ.get("SPARSITY_ENGINE_NO_EXT", "0") != "1":
     ext_modules = [Extension("sparsity_engine._C", sources=[])]
-    print(f"sparsity_engine: building the CUDA extension with {nvcc}", file=sys.stderr)
+    if _building:
+        print(f"sparsity_engine: building the CUDA extension with {nvcc}", file=sys.stderr)
 else:
     ext_modules = []
-    print("sparsity_engine: nvcc not found (or SPARSITY_ENGINE_NO_EXT=1): installing pure Python "
-          "(reference + Triton backends; the CUDA extension builds just in time where nvcc appears)", file=sys.stderr)
+    if _building:
+            print("sparsity_engine: nvcc not found (or SPARSITY_ENGINE_NO_EXT=1): installing pure Python (reference + "
+              "Triton backends; the CUDA extension builds just in time where nvcc appears)", file=sys.stderr)
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt, "build_py": BuildPyWithSources})
