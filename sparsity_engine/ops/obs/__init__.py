@@ -1,0 +1,126 @@
+"""SparseGPT / OBS pruning ops: sparsegpt_prune, prune_task_vector, importance_scores.
+
+Each public function validates its arguments, then dispatches to a backend (reference | triton).
+The reference (``reference.py``) is the published ``fasterprune`` algorithm and defines the semantics.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from ..._dispatch import dispatch, import_backend
+from ..._validate import ALL_FLOAT_DTYPES, check_fraction, check_int, check_same_device, check_tensor
+from . import reference  # noqa: F401  (registers the oracle)
+from .reference import PruneResult
+
+import_backend(__name__, "triton")
+
+__all__ = ["PruneResult", "sparsegpt_prune", "prune_task_vector", "importance_scores"]
+
+
+def _check_weight_hessian(wname: str, weight, hessian) -> None:
+    check_tensor(wname, weight, ndim=2, dtypes=ALL_FLOAT_DTYPES, nonempty=True, finite=True)
+    check_tensor("hessian", hessian, ndim=2, dtypes=ALL_FLOAT_DTYPES)
+    cols = weight.shape[1]
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"hessian must be [cols, cols] = [{cols}, {cols}] for {wname} of shape "
+                         f"{tuple(weight.shape)}, got {tuple(hessian.shape)}")
+    check_same_device((wname, weight), ("hessian", hessian))
+    check_tensor("hessian", hessian, finite=True)
+
+
+def _check_pattern(prune_n, prune_m, blocksize, cols: int):
+    prune_n = check_int("prune_n", prune_n, minimum=0)
+    prune_m = check_int("prune_m", prune_m, minimum=0)
+    blocksize = check_int("blocksize", blocksize, minimum=1)
+    if (prune_n == 0) != (prune_m == 0):
+        raise ValueError(f"prune_n and prune_m must both be 0 (unstructured) or both set (N:M), "
+                         f"got prune_n={prune_n}, prune_m={prune_m}")
+    if prune_m:
+        if prune_n > prune_m:
+            raise ValueError(f"prune_n must be <= prune_m, got prune_n={prune_n}, prune_m={prune_m}")
+        if cols % prune_m:
+            raise ValueError(f"prune_m={prune_m} must divide the number of columns ({cols}) for N:M pruning")
+        if blocksize % prune_m:
+            raise ValueError(f"blocksize={blocksize} must be a multiple of prune_m={prune_m} so that no "
+                             "N:M group straddles two blocks")
+    return prune_n, prune_m, blocksize
+
+
+def _check_percdamp(percdamp) -> float:
+    if isinstance(percdamp, bool) or not isinstance(percdamp, Real):
+        raise TypeError(f"percdamp must be a real number, got {type(percdamp).__name__}")
+    v = float(percdamp)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    return v
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.5, prune_n: int = 0,
+                    prune_m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
+                    backend: str = None) -> PruneResult:
+    """SparseGPT (published ``fasterprune``): prune ``weight`` [rows, cols] using its Hessian [cols, cols].
+
+    The Hessian is SparseGPT's ``2/n X^T X`` of the layer input (see HessianAccumulator); it must be
+    symmetric (one triangle is read). Dead columns (``H_jj == 0``) are zeroed; ``percdamp * mean(diag H)``
+    is added to the diagonal (raised x10 stepwise with a RuntimeWarning if H is still not positive
+    definite; ValueError if it never becomes so).
+
+    Unstructured (prune_n = prune_m = 0): per block of ``blocksize`` columns, the entries with
+    ``w^2 / U_jj^2 <= sorted(scores)[int(numel * sparsity)]`` are pruned (the published rule: slightly more
+    than ``sparsity``; sparsity 0 prunes nothing, 1 prunes everything). N:M: ``prune_n`` of every ``prune_m``
+    consecutive columns are pruned per row (the published convention: 2:4 prunes 2 of 4), chosen on the fly
+    from the error-compensated weights, ties to the lower index; ``sparsity`` is then ignored.
+    Remaining weights are updated to compensate (OBS), so kept values change.
+
+    Returns PruneResult(weight: input dtype/shape/device, mask: bool True = kept, loss: float32 [rows]
+    = 1/2 dW H_d dW^T per row, H_d the damped Hessian). Computed in float32 (float64 when both inputs are).
+    """
+    _check_weight_hessian("weight", weight, hessian)
+    sparsity = check_fraction("sparsity", sparsity)
+    prune_n, prune_m, blocksize = _check_pattern(prune_n, prune_m, blocksize, weight.shape[1])
+    percdamp = _check_percdamp(percdamp)
+    return dispatch("sparsegpt_prune", backend, weight, hessian, sparsity, prune_n, prune_m, blocksize, percdamp)
+
+
+def prune_task_vector(delta: torch.Tensor, hessian: torch.Tensor, *, density: float, rescale: bool = False,
+                      prune_n: int = 0, prune_m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
+                      backend: str = None) -> PruneResult:
+    """SparseGPT on a task vector ``delta`` = fine-tuned - base [rows, cols]: keep ``density`` of it.
+
+    Exactly :func:`sparsegpt_prune` with ``sparsity = 1 - density`` (the kept entries are error-compensated
+    so that ``delta_pruned X^T`` stays close to ``delta X^T``). With N:M, density must equal
+    ``1 - prune_n / prune_m``. ``rescale=True`` then multiplies the kept entries by ``1 / density``
+    (DARE-style; nothing to rescale when density is 0). The loss is that of the unrescaled result.
+    """
+    _check_weight_hessian("delta", delta, hessian)
+    density = check_fraction("density", density)
+    if not isinstance(rescale, bool):
+        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
+    prune_n, prune_m, blocksize = _check_pattern(prune_n, prune_m, blocksize, delta.shape[1])
+    if prune_m and abs(density - (1 - prune_n / prune_m)) > 1e-6:
+        raise ValueError(f"density={density} does not match the N:M pattern (prune_n={prune_n} of "
+                         f"prune_m={prune_m} pruned keeps {1 - prune_n / prune_m:g})")
+    percdamp = _check_percdamp(percdamp)
+    res = dispatch("sparsegpt_prune", backend, delta, hessian, 1.0 - density, prune_n, prune_m, blocksize,
+                   percdamp)
+    if rescale and density > 0:
+        res = res._replace(weight=(res.weight.to(torch.float32) / density).to(delta.dtype)
+                           if delta.dtype != torch.float64 else res.weight / density)
+    return res
+
+
+def importance_scores(weight: torch.Tensor, hinv_diag: torch.Tensor, *, backend: str = None) -> torch.Tensor:
+    """SparseGPT saliency ``w_ij^2 / hinv_diag_j^2``: weight [..., cols], hinv_diag [cols] (the diagonal of
+    the inverse-Hessian factor, nonzero). Returns float32 (float64 for float64 inputs), weight's shape."""
+    check_tensor("weight", weight, min_ndim=1, dtypes=ALL_FLOAT_DTYPES, finite=True)
+    check_tensor("hinv_diag", hinv_diag, ndim=1, dtypes=ALL_FLOAT_DTYPES, finite=True)
+    if hinv_diag.shape[0] != weight.shape[-1]:
+        raise ValueError(f"hinv_diag must have weight.shape[-1] = {weight.shape[-1]} entries, "
+                         f"got {hinv_diag.shape[0]}")
+    check_same_device(("weight", weight), ("hinv_diag", hinv_diag))
+    if bool((hinv_diag == 0).any()):
+        raise ValueError("hinv_diag must be nonzero (it is the diagonal of a Cholesky factor)")
+    return dispatch("importance_scores", backend, weight, hinv_diag)
