@@ -115,6 +115,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ref-reps", type=int, default=1)
+    ap.add_argument("--sweep", action="store_true", help="also time other (rows per program, warps) tiles")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = QUICK_SHAPES if args.quick or device == "cpu" else SHAPES
@@ -160,8 +161,9 @@ def main():
             torch.cuda.empty_cache()
     report.print_table()
     report.save()
-    if device == "cuda":
+    if device == "cuda" and args.sweep:
         sweep_tiles(shapes)
+    if device == "cuda":
         for (rows, cols) in (shapes[0], shapes[-1]):
             W, H = make_inputs(rows, cols, device)
             for pname, kw in PATTERNS.items():
