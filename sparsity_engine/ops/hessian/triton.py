@@ -146,7 +146,8 @@ def launch(H: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, *, scale
     flat = b == 1 or t_inner == 0 or x.stride(0) == t_inner * x.stride(1)
     t_key = min(triton.next_power_of_2(max(T, 1)), 1 << 16)
     args = (x, H, T, C, max(t_inner, 1), x.stride(0), x.stride(1), x.stride(2), float(alpha), float(beta), t_key)
-    meta = dict(SCALE_H=bool(scale_h), FLAT=bool(flat))
+    # no FMA contraction: the mirrored lower half must round exactly like the upper half (exact symmetry)
+    meta = dict(SCALE_H=bool(scale_h), FLAT=bool(flat), enable_fp_fusion=False)
     if _interpreting() or not x.is_cuda:
         config = config or INTERPRETER_CONFIG
         meta.update(DYNAMIC=False, T_STATIC=triton.cdiv(T, config.kwargs["BK"]) * config.kwargs["BK"], UPCAST=True)

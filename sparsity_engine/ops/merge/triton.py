@@ -314,7 +314,7 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                         divisor = tl.where(divisor == 0, 1.0, divisor)
                     else:
                         divisor = tl.where(tl.abs(divisor) < 1e-8, 1.0, divisor)
-                    mixed = _rnd(mixed / divisor, DT)
+                    mixed = _rnd(tl.math.div_rn(mixed, divisor), DT)  # '/' is approximate on GPUs
                 if APPLY_LAMBDA:
                     mixed = _rnd(mixed * lam, DT)
                 tl.store(out_ptr + idx, _rnd(b + mixed, DT).to(DT), mask=m)
@@ -479,7 +479,9 @@ class _Plan:
             N=N, HAS_BASE=self.base is not None, SPARS=spars, NEED_TIES=self.need_ties,
             CONSENSUS={None: 0, "sum": 1, "count": 2}[consensus], NORMALIZE=bool(normalize),
             RESCALE=NORM_CODE[rescale_norm], APPLY_LAMBDA=lambda_ != 1, PHASE=phase, TB=TB, SUB=SUB,
-            RP=triton.next_power_of_2(2 * N), NP=triton.next_power_of_2(N), num_warps=NUM_WARPS)
+            RP=triton.next_power_of_2(2 * N), NP=triton.next_power_of_2(N), num_warps=NUM_WARPS,
+            # IEEE fp32 as torch computes it: no mul+add contraction into FMA (bit-identical results)
+            enable_fp_fusion=False)
 
     def rescale(self, spars, rescale_norm, active: List[bool]) -> None:
         """scale_i = norm(delta_i) / norm(masked delta_i), rounded like mergekit's 0-d tensors; 1 where no rescale."""
