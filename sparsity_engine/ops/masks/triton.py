@@ -454,7 +454,10 @@ def _bernoulli_keep_kernel(x_ptr, p_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
     tl.store(out_ptr + o, tl.where(_block_uniforms(seed, start, BLOCK) < p, x, 0.0), mask=v)
 
 
-DELLA_SORT_MAX = 16384  # longer rows are ranked by torch (one sort), then drawn by the fused kernel
+# Longer rows are ranked by torch (one sort), then drawn by the fused kernel. On an H200 (2026-12-01) rows of
+# 8192 sorted in registers ran at 0.67x mergekit's time, but rows of 11008 (padded to 16384) took ~0.9 s per
+# 4096 x 11008 tensor in the whole-model merge: the in-register sort falls off a cliff past 8192.
+DELLA_SORT_MAX = 8192
 
 
 def della_with_seed(t: torch.Tensor, density: float, epsilon: float, rescale_norm, seed: int) -> torch.Tensor:
