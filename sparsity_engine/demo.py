@@ -13,9 +13,10 @@ compared with the dense model's:
 * kNN@5 overlap: mean fraction of each sentence's 5 nearest neighbours that the dense model also ranks
   in its top 5 (stricter: it also sees the order of the unrelated sentences).
 
-Then the Dense / Masked / CSR table for the SparseGPT 50% model (size, sparsity, compute ratio, agreement,
-time per forward). Output folder: the SparseGPT models (50% and 2:4, loadable with ``from_pretrained``),
-``demo_results.json`` and ``demo.png``, written to a temporary sibling and renamed into place at the end.
+Then the Dense / Masked / CSR table for the SparseGPT and magnitude 50% models (size, sparsity, compute ratio,
+agreement, time per forward), also drawn as ``dense_masked_csr.png``. Output folder: the SparseGPT models
+(50% and 2:4, loadable with ``from_pretrained``), ``demo_results.json``, ``demo.png`` and
+``dense_masked_csr.png``, written to a temporary sibling and renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ def run_demo(*, out_dir: str = "sparsity_engine_demo_out", overwrite: bool = Fal
         if tmp is not None:
             _io().write_json_atomic(os.path.join(tmp, "demo_results.json"), results)
             _commit_out(tmp, out_dir)
-            print(f"\nwrote {os.path.abspath(out_dir)} (pruned models, demo_results.json, demo.png) "
+            print(f"\nwrote {os.path.abspath(out_dir)} (pruned models, demo_results.json, demo.png, "
+                  "dense_masked_csr.png) "
                   f"in {results['seconds']:.1f}s")
     finally:
         if tmp is not None:
@@ -201,7 +203,7 @@ def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, prog
     print(f"MiniLM-L6 ({sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M parameters) from {model_dir}\n"
           f"calibration: {nsamples} x {seqlen} tokens of the bundled corpus; evaluation: {len(texts)} held-out "
           f"sentences; device: {device_description(dev)}", flush=True)
-    rows, layer_errors, keep = [], {}, {}
+    rows, layer_errors, keep, compared = [], {}, {}, {}
     for spec in specs:
         for method in methods:
             cfg = PruneConfig(method=method, sparsity=spec.sparsity if not spec.structured else 0.5,
@@ -220,6 +222,8 @@ def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, prog
             layer_errors[f"{method} {target}"] = [r.rel_error for r in recs]
             if method == "sparsegpt":
                 keep[target] = model
+            if method in ("sparsegpt", "magnitude") and not spec.structured:
+                compared.setdefault(method, (target, model))
             if progress:
                 print(f"  {target:>4s} {method:9s} cosine {row['cosine']:.4f}  NN agreement "
                       f"{row['nn_agreement']:.3f}  kNN@5 {row['knn5_overlap']:.3f}  ({secs:.1f}s)", flush=True)
@@ -228,8 +232,13 @@ def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, prog
     results: Dict[str, Any] = {"model_dir": model_dir, "nsamples": nsamples, "seqlen": seqlen,
                                "sentences": len(texts), "device": device_description(dev), "versions": _versions(),
                                "results": rows}
-    if csr_table and keep:
-        results["dense_masked_csr"] = _csr_table(dense, next(iter(keep.values())), next(iter(keep)), batch)
+    if csr_table and compared:
+        results["dense_masked_csr"] = _csr_table(dense, compared, batch)
+        if tmp is not None:
+            from .metrics import plot_comparison
+
+            plot_comparison(results["dense_masked_csr"], os.path.join(tmp, "dense_masked_csr.png"),
+                            "MiniLM-L6: Dense / Masked / CSR (cosine of mean-pooled embeddings)")
     if tmp is not None:
         for target, model in keep.items():
             sub = os.path.join(tmp, f"minilm-sparsegpt-{target.replace('%', 'pct').replace(':', 'of')}")
@@ -240,15 +249,21 @@ def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, prog
     return results
 
 
-def _csr_table(dense, masked, target: str, batch) -> List[Dict[str, Any]]:
+def _csr_table(dense, compared: Dict[str, Any], batch) -> List[Dict[str, Any]]:
+    """Dense, then masked and CSR rows for each pruned model in ``compared`` ({method: (target, model)})."""
     from .metrics import compare_dense_masked_csr
 
     batch = {k: v[:32] for k, v in batch.items()}    # 32 sentences are enough to time a forward
     mask = batch["attention_mask"]
-    table = compare_dense_masked_csr(dense, masked, batch, min_sparsity=0.3, reps=2, warmup=1,
-                                     output_fn=lambda out: mean_pool(out.last_hidden_state, mask))
-    for row in table:
-        row.pop("top1_match", None)    # argmax over embedding dimensions means nothing for an encoder
+    table: List[Dict[str, Any]] = []
+    for method, (target, masked) in compared.items():
+        rows = compare_dense_masked_csr(dense, masked, batch, min_sparsity=0.3, reps=2, warmup=1,
+                                        output_fn=lambda out: mean_pool(out.last_hidden_state, mask))
+        for row in rows:
+            row.pop("top1_match", None)    # argmax over embedding dimensions means nothing for an encoder
+            if row["model"] != "dense":
+                row["model"] = f"{row['model']} ({method} {target})"
+        table.extend(rows if not table else rows[1:])
     _print_table(table, ["model"] + [c for c in table[0] if c != "model"],
-                 f"Dense / Masked / CSR (SparseGPT {target}; cosine of mean-pooled embeddings)")
+                 "Dense / Masked / CSR (cosine of mean-pooled embeddings)")
     return table

@@ -188,18 +188,22 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def plot_comparison(rows: Sequence[Dict[str, Any]], path: str, title: str = "Dense vs Masked vs CSR") -> str:
-    """Bar charts (size, compute ratio, agreement, time per forward) of the rows, saved as PNG at ``path``."""
+    """Bar charts (size, compute ratio, agreement, time per forward) of the rows, saved as PNG at ``path``.
+
+    Agreement is ``top1_match`` where the rows carry it, else ``cosine`` (e.g. for sentence encoders).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("size_mb", "size (MB)"), ("compute_ratio", "compute ratio"), ("top1_match", "top-1 match"),
-            ("ms_per_forward", "ms / forward")]
+    agree = ("top1_match", "top-1 match") if all("top1_match" in r for r in rows) else ("cosine", "cosine to dense")
+    keys = [("size_mb", "size (MB)"), ("compute_ratio", "compute ratio"), agree, ("ms_per_forward", "ms / forward")]
     labels = [str(r["model"]) for r in rows]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     for ax, (key, name) in zip(axes, keys):
-        ax.bar(labels, [float(r[key]) for r in rows], color=["#888", "#c84", "#48c", "#4a4", "#a4a"][:len(rows)])
+        colors = ["#888", "#c84", "#48c", "#4a4", "#a4a", "#4aa", "#aa4"]
+        ax.bar(labels, [float(r[key]) for r in rows], color=[colors[i % len(colors)] for i in range(len(rows))])
         ax.set_title(name)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title)

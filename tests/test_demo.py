@@ -36,3 +36,19 @@ def test_demo_refuses_to_clobber(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert (busy / "mine.txt").read_text() == "keep"
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_demo_writes_models_tables_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    res = run_demo(out_dir=str(out), nsamples=4, seqlen=16, sentences=12, methods=["sparsegpt", "magnitude"],
+                   targets=["0.5"], device="cpu", progress=False)
+    table = res["dense_masked_csr"]
+    assert [r["model"] for r in table] == ["dense", "masked (sparsegpt 50%)", "csr (sparsegpt 50%)",
+                                           "masked (magnitude 50%)", "csr (magnitude 50%)"]
+    for masked, csr in ((table[1], table[2]), (table[3], table[4])):
+        assert 0.45 < csr["sparsity"] < 0.55 and csr["sparsity"] == masked["sparsity"]
+        assert csr["size_mb"] < masked["size_mb"] == table[0]["size_mb"]
+        assert abs(csr["cosine"] - masked["cosine"]) < 1e-4
+    for name in ("demo.png", "dense_masked_csr.png", "demo_results.json"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "minilm-sparsegpt-50pct" / "config.json").exists()
