@@ -185,3 +185,15 @@ def test_cuda_nm_mask_every_path(dtype, n, m):
         assert got.view(torch.uint8).max() <= 1
         assert torch.equal(got, reference.nm_mask(x, n, m))
         assert int(got.sum()) == x.numel() // m * n
+
+
+def test_installed_extension_imports_without_a_gpu():
+    """The ahead-of-time build that ``pip install`` made (where nvcc was found) imports and lists every family."""
+    spec = importlib.util.find_spec(_ext.MODULE_NAME)
+    if spec is None or spec.origin is None:
+        pytest.skip("no ahead-of-time extension installed (nvcc absent at install time, or not installed)")
+    module = _import_so(spec.origin)
+    families = sorted(n[: -len("_bindings.cpp")] for n in os.listdir(CSRC) if n.endswith("_bindings.cpp"))
+    assert list(module.families()) == families
+    assert any(a.startswith("90") for a in module.compiled_archs()), list(module.compiled_archs())
+    assert module.masks_nm_mask_max_m() == 256
