@@ -19,7 +19,7 @@ import json
 import os
 import platform
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 PROG = "sparsity-engine"
@@ -47,24 +47,21 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
-    return v
+def _number_in(interval: str, inside):
+    """An argparse type: a float for which ``inside(v)`` holds, described as ``interval`` in the error."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+        if not inside(v):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {v}")
+        return v
+    return parse
 
 
-def _density(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
-    return v
+_fraction = _number_in("[0, 1)", lambda v: 0.0 <= v < 1.0)
+_density = _number_in("(0, 1]", lambda v: 0.0 < v <= 1.0)
 
 
 def _pattern(text: str):

@@ -16,7 +16,6 @@ calibration data, a resumable output folder (a manifest entry per finished block
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._validate import check_fraction, check_int, check_nm
+from .._validate import check_fraction, check_int
 from .layer_pruners import METHODS, LayerSpec, output_energy, prune_layer
 from .models import (DEFAULT_SKIP, BlockLayout, find_blocks, find_linears, matches, set_weight_out_in_,
                      weight_out_in)
@@ -663,6 +662,23 @@ def _finished_job(out_dir: str) -> Optional["JobResult"]:
     return JobResult(out_dir, report.get("layers", []), report, report.get("model", {}).get("blocks", 0))
 
 
+def job_inputs(model: nn.Module, tokenizer, calib: Optional[str], *, nsamples: int, seqlen: int,
+               seed: int) -> Tuple[BlockLayout, torch.Tensor]:
+    """The model's block layout and the calibration ids [nsamples, seqlen]; InputError naming what is wrong."""
+    from .calibration import CalibrationError, calibration_ids
+
+    try:
+        layout = find_blocks(model)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    try:
+        ids = calibration_ids(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                              vocab_size=getattr(model.config, "vocab_size", None))
+    except CalibrationError as exc:
+        raise InputError(str(exc)) from None
+    return layout, ids
+
+
 @dataclass
 class JobResult:
     out_dir: str
@@ -676,8 +692,6 @@ def run_prune_job(model_dir: str, out_dir: str, config: PruneConfig, *, calib: O
                   dtype: str = "auto", resume: bool = False, overwrite: bool = False,
                   progress: Optional[Progress] = None, max_shard_bytes: int = 5 * 2**30) -> JobResult:
     """Prune the model in ``model_dir`` into ``out_dir`` (never into the input; resumable); see module doc."""
-    from .calibration import CalibrationError, calibration_ids
-
     se_io = _io()
     progress = progress or Progress(False)
     dev = resolve_device(device)
@@ -705,15 +719,7 @@ def run_prune_job(model_dir: str, out_dir: str, config: PruneConfig, *, calib: O
 
     t_start = time.perf_counter()
     model, tokenizer = load_model(model_dir, dtype)
-    try:
-        layout = find_blocks(model)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    try:
-        ids = calibration_ids(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                              vocab_size=getattr(model.config, "vocab_size", None))
-    except CalibrationError as exc:
-        raise InputError(str(exc)) from None
+    layout, ids = job_inputs(model, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     start = _resume_start(manifest, len(layout)) if resume else 0
     if start:
         progress.write(f"resuming: blocks 0-{start - 1} already pruned, continuing at block {start}")

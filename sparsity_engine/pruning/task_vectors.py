@@ -27,6 +27,7 @@ import torch
 from .layer_pruners import output_energy
 from .models import DEFAULT_SKIP, find_blocks, find_linears, matches, set_weight_out_in_, weight_out_in
 from .pipeline import (cli_words, ConfigError, InputError, Progress, capture_block_inputs, collect_hessians, copy_model_files,
+                       job_inputs,
                        device_description, load_model, resolve_device, run_block, unique_state_dict, _io, _versions)
 
 HESSIAN_MODES = ("per-model", "shared")
@@ -169,8 +170,6 @@ def run_task_vector_job(base_dir: str, ft_dirs: Sequence[str], out_dir: str, con
                         calib: Optional[str] = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
                         device: Optional[str] = None, dtype: str = "auto", overwrite: bool = False,
                         progress: Optional[Progress] = None) -> str:
-    from .calibration import CalibrationError, calibration_ids
-
     se_io = _io()
     dev = resolve_device(device)
     base_dir, out_dir = os.path.abspath(base_dir), os.path.abspath(out_dir)
@@ -183,15 +182,7 @@ def run_task_vector_job(base_dir: str, ft_dirs: Sequence[str], out_dir: str, con
     base, tokenizer = load_model(base_dir, dtype)
     fts = [load_model(d, dtype)[0] for d in ft_dirs]
     _check_same_architecture(base, fts, ft_dirs)
-    try:
-        find_blocks(base)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    try:
-        ids = calibration_ids(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                              vocab_size=getattr(base.config, "vocab_size", None))
-    except CalibrationError as exc:
-        raise InputError(str(exc)) from None
+    _, ids = job_inputs(base, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     records = prune_task_vectors(base, fts, ids, config, device=dev, progress=progress)
     pruned = {r["name"] for r in records}
     base_sd = unique_state_dict(base)

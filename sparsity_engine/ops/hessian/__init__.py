@@ -41,17 +41,6 @@ def batch_rows(inp: torch.Tensor) -> int:
     return 1 if inp.dim() == 2 else math.prod(inp.shape[:-2])
 
 
-def _assert_finite(name: str, t: torch.Tensor) -> None:
-    """NaN/Inf check in one read pass with no full-size temporary (min/max propagate NaN and reach Inf);
-    only when something is wrong does the shared check run to count the bad values for the message."""
-    if t.numel() == 0:
-        return
-    lo, hi = torch.aminmax(t)
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        check_finite(name, t)
-        raise ValueError(f"{name} contains NaN/Inf values; it must be finite")
-
-
 def _check_hessian(H: torch.Tensor, columns: Optional[int] = None) -> int:
     check_tensor("H", H, ndim=2, dtypes=(torch.float32,))
     if H.shape[0] != H.shape[1] or H.shape[0] == 0:
@@ -77,7 +66,7 @@ def _accumulate(H: torch.Tensor, inp: torch.Tensor, nsamples: int, backend: Opti
     check_same_device(("H", H), ("inp", inp))
     if x.shape[0] == 0:
         return nsamples
-    _assert_finite("inp", x)
+    check_finite("inp", x)
     return dispatch("accumulate_hessian", backend, H, x, nsamples)
 
 
@@ -92,7 +81,7 @@ def accumulate_hessian_(H: torch.Tensor, inp: torch.Tensor, nsamples: int, *, ba
     nsamples = check_int("nsamples", nsamples, minimum=0)
     check_tensor("inp", inp, min_ndim=2, dtypes=FLOAT_DTYPES)
     if nsamples > 0:
-        _assert_finite("H", H)
+        check_finite("H", H)
     return _accumulate(H, inp, nsamples, backend)
 
 
