@@ -1,4 +1,4 @@
-// Python bindings of the mask kernels (csrc/masks.cu); see sparsity_engine/ops/masks/cuda.py.
+// Python bindings of the mask kernels (csrc/masks.cu, csrc/masks_della.cu); see sparsity_engine/ops/masks/cuda.py.
 #include <cstdint>
 
 #include "registry.h"
@@ -6,10 +6,18 @@
 int64_t masks_nm_mask_max_m();
 void masks_nm_mask(uintptr_t scores, uintptr_t out, int64_t numel, int64_t n, int64_t m, int dtype,
                    uintptr_t stream);
+int64_t masks_della_max_cols();
+void masks_della_probs(uintptr_t x, uintptr_t probs, int64_t rows, int64_t n, double lo, double span, int dtype,
+                       uintptr_t stream);
 
 SE_BINDINGS(masks) {
   m.def("masks_nm_mask", &masks_nm_mask,
         "N:M keep-mask: out[numel] bytes = 1 for the n largest of every m consecutive scores (ties to the lower "
         "index); args: scores ptr, out ptr, numel, n, m, dtype code (kF32/kF16/kBF16), stream");
+  m.def("masks_della_probs", &masks_della_probs,
+        "DELLA keep-probabilities of fp16/bf16 rows by a per-row magnitude histogram: probs[rows, n] fp32 = "
+        "clamp(lo + span * mean_rank / (n - 1), 0, 1); args: x ptr, probs ptr, rows, n, lo, span, dtype code, "
+        "stream");
+  m.def("masks_della_max_cols", &masks_della_max_cols, "longest row masks_della_probs accepts");
   m.def("masks_nm_mask_max_m", &masks_nm_mask_max_m, "largest group size m masks_nm_mask accepts");
 }

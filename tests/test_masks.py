@@ -474,3 +474,71 @@ def test_della_cuda_real_sizes(dtype, shape):
     expected = _della_expected(x, 0.4, 0.2, 8)
     # a draw may flip only where u and p agree to float rounding (p is formed in another order)
     assert (got != expected).sum().item() <= max(2, x.numel() // 10**6)
+
+
+# ---------------------------------------------------------------- DELLA: CUDA histogram ranks (GPU only)
+
+def _della_rows_cases():
+    """Rows that stress the histogram: wide key ranges (0 next to the largest), heavy ties, one column."""
+    cases = {"ties": lambda s, dt: _with_ties(s, dt)}
+    cases["wide"] = lambda s, dt: (torch.randn(s, device="cuda") * torch.logspace(-7, 4, s[-1], device="cuda")
+                                   ).clamp(-6e4, 6e4).to(dt)  # fp16's range; bf16's subnormals to ~1e4
+    cases["few values"] = lambda s, dt: torch.randint(-3, 4, s, device="cuda").to(dt)
+    return cases
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 1), (1, 2), (5, 33), (2, 3, 129), (4096, 4096), (256, 11008), (64, 28672),
+                                   (2, 65535)])
+@pytest.mark.parametrize("case", ["ties", "wide", "few values"])
+def test_della_cuda_probabilities_match_reference(dtype, shape, case):
+    from sparsity_engine.ops.masks import cuda as mc
+    from sparsity_engine.ops.masks.reference import della_probabilities
+    x = _della_rows_cases()[case](shape, dtype)
+    for density, eps in ((0.4, 0.2), (0.5, 0.5), (0.9, 0.1)):
+        got = mc.della_probabilities(x, density, eps)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        assert torch.equal(got, della_probabilities(x, density, eps)), (density, eps)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7,), (5, 33), (4096, 4096), (11008, 4096)])
+def test_della_cuda_backend_matches_its_draw(dtype, shape):
+    from sparsity_engine.ops.masks.reference import rescale_masked
+    mt = _masks_triton()
+    x = _with_ties(shape, dtype)
+    seed = mt.draw_seed(torch.Generator(device="cuda").manual_seed(11))
+    for norm in (None, "l1"):
+        got = se.della_magprune(x, 0.3, 0.1, rescale_norm=norm, backend="cuda",
+                                generator=torch.Generator(device="cuda").manual_seed(11))
+        expected = rescale_masked(x, _della_expected(x, 0.3, 0.1, seed), norm)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, expected), norm
+
+
+@pytest.mark.cuda
+def test_della_cuda_declines_what_it_cannot_rank():
+    from sparsity_engine._dispatch import choose
+    from sparsity_engine.ops.masks import cuda as mc
+    half = torch.randn(4, 8, device="cuda").half()
+    assert choose("della_magprune", None, half, 0.5, 0.1, None, None).backend == "cuda"
+    for x in (torch.randn(4, 8, device="cuda"), torch.randn(1, mc.DELLA_MAX_COLS + 1, device="cuda").half()):
+        assert choose("della_magprune", None, x, 0.5, 0.1, None, None).backend == "triton"
+
+
+# ---------------------------------------------------------------- rescale past the dtype's range
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_rescale_norm_past_fp16_range_stays_finite(backend):
+    """The l1 norm of this fp16 tensor (~2e5) overflows fp16: mergekit would scale by inf / inf = NaN."""
+    x = (torch.rand(100, 1000, device=KERNEL_DEVICE) * 2 + 1).half()
+    if backend in ("triton", "reference"):
+        out = se.magnitude_prune(x, 0.5, rescale_norm="l1", backend=backend)
+        assert torch.isfinite(out).all()
+        assert abs(out.float().abs().sum().item() / x.float().abs().sum().item() - 1) < 1e-2
+    if x.is_cuda:  # fp16 draws in fp16 only on the GPU (mergekit's work dtype rule)
+        out = se.della_magprune(x, 0.5, 0.1, rescale_norm="l1", backend=backend)
+        assert torch.isfinite(out).all()
+        assert abs(out.float().abs().sum().item() / x.float().abs().sum().item() - 1) < 1e-2

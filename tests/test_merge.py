@@ -223,6 +223,18 @@ def test_kernel_matches_reference_rescale_and_count(dtype, rescale, consensus):
     assert_rel_close(got, expected, RTOL[dtype], f"ties rescale={rescale}")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rescale_past_fp16_range_stays_finite(backend):
+    """Deltas whose l1 norm (~1e5) overflows fp16: the fp32 norms are used, never inf / inf = NaN."""
+    base = torch.zeros(200, 500, device=KERNEL_DEVICE, dtype=torch.float16)
+    ts = [(torch.rand(200, 500, device=KERNEL_DEVICE) + 0.5).half() for _ in range(2)]
+    out = se.merge_task_vectors(base, ts, [1.0, 1.0], method="ties", density=0.5, rescale="l1", backend=backend)
+    assert torch.isfinite(out).all()
+    expected = se.merge_task_vectors(base.float(), [t.float() for t in ts], [1.0, 1.0], method="ties", density=0.5,
+                                     rescale="l1", backend="reference")
+    assert_rel_close(out.float(), expected, RTOL[torch.float16], "fp16 l1 rescale past 65504")
+
+
 def test_kernel_mixed_input_dtype_and_empty():
     base = torch.randn(5, 6, device=KERNEL_DEVICE)
     ts = [torch.randn(5, 6, device=KERNEL_DEVICE).to(torch.bfloat16)]

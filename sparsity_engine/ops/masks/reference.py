@@ -8,7 +8,7 @@ import torch
 from ..._dispatch import register
 
 RESCALE_NORMS = (None, "l1", "l2", "linf")
-_NORM_EPS = 1e-7  # below this a norm counts as zero and the masked tensor is returned unscaled
+RESCALE_EPS = 1e-7  # below this a norm counts as zero and the masked tensor is returned unscaled
 
 
 @register("nm_mask", "reference")
@@ -45,23 +45,33 @@ def topk_mask(scores: torch.Tensor, k: int, dim: Optional[int]) -> torch.Tensor:
     return mask.movedim(-1, dim)
 
 
-def rescale_masked(tensor: torch.Tensor, masked: torch.Tensor, norm: Optional[str]) -> torch.Tensor:
-    """mergekit's rescaled_masked_tensor on an already masked tensor.
-
-    Multiply ``masked`` by norm(tensor) / norm(masked) (l1: sum |x|, l2: sqrt(sum x^2), linf: max |x|),
-    each norm computed and rounded in the tensor's dtype as torch does; unchanged when either norm < 1e-7.
-    """
-    if norm is None:
-        return masked
+def _norm_pair(tensor: torch.Tensor, masked: torch.Tensor, norm: str):
     if norm == "l1":
-        before, after = tensor.abs().sum(), masked.abs().sum()
-    elif norm == "l2":
-        before, after = tensor.norm(), masked.norm()
-    else:
-        before, after = tensor.abs().max(), masked.abs().max()
-    if before < _NORM_EPS or after < _NORM_EPS:
-        return masked
-    return masked * (before / after)
+        return tensor.abs().sum(), masked.abs().sum()
+    if norm == "l2":
+        return tensor.norm(), masked.norm()
+    return tensor.abs().max(), masked.abs().max()
+
+
+def rescale_factor(tensor: torch.Tensor, masked: torch.Tensor, norm: Optional[str]) -> Optional[torch.Tensor]:
+    """mergekit's rescaled_masked_tensor factor norm(tensor) / norm(masked) (l1: sum |x|, l2: sqrt(sum x^2),
+    linf: max |x|), each norm computed and rounded in the tensor's dtype as torch does (a 0-d tensor); None when
+    no norm is asked for or either norm is below RESCALE_EPS. A norm that overflows the dtype (the l1 norm of a
+    large fp16 tensor passes 65504) is taken in fp32 instead, where mergekit would scale by inf / inf = NaN."""
+    if norm is None:
+        return None
+    before, after = _norm_pair(tensor, masked, norm)
+    if not bool(torch.isfinite(before) & torch.isfinite(after)):
+        before, after = _norm_pair(tensor.float(), masked.float(), norm)
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return None
+    return before / after
+
+
+def rescale_masked(tensor: torch.Tensor, masked: torch.Tensor, norm: Optional[str]) -> torch.Tensor:
+    """``masked`` times :func:`rescale_factor` (unchanged when there is no factor)."""
+    factor = rescale_factor(tensor, masked, norm)
+    return masked if factor is None else masked * factor
 
 
 @register("magnitude_prune", "reference")

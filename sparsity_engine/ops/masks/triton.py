@@ -334,7 +334,7 @@ def magnitude_prune(t: torch.Tensor, k: int, rescale_norm) -> torch.Tensor:
 
 # ---------------------------------------------------------------- DARE
 
-def _draw_seed(generator) -> int:
+def draw_seed(generator) -> int:
     """A 31-bit seed for the in-kernel Philox generator, drawn from ``generator`` (or torch's default)."""
     if generator is None:
         return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -395,7 +395,7 @@ def dare_with_seed(t: torch.Tensor, density: float, rescale: bool, seed: int) ->
 
 @register("dare", "triton", supports=_supports_first)
 def dare(t: torch.Tensor, density: float, rescale: bool, generator) -> torch.Tensor:
-    return dare_with_seed(t, density, rescale, _draw_seed(generator))
+    return dare_with_seed(t, density, rescale, draw_seed(generator))
 
 
 # ---------------------------------------------------------------- DELLA
@@ -477,16 +477,24 @@ def della_with_seed(t: torch.Tensor, density: float, epsilon: float, rescale_nor
             _della_rows_kernel[(rows,)](x, out, n, seed, lo, span, inv_nm1, frac0, ROW_BLOCK=block,
                                         WIDE=x.dtype == torch.float32)
         else:
-            probs = reference.della_probabilities(x, density, epsilon).contiguous()
-            grid = (triton.cdiv(x.numel(), _DARE_BLOCK),)
-            _bernoulli_keep_kernel[grid](x, probs, out, x.numel(), seed, BLOCK=_DARE_BLOCK, num_warps=8)
+            out = keep_with_probabilities(x, reference.della_probabilities(x, density, epsilon), seed)
     out = out.view(t.shape)
     return reference.rescale_masked(t, out, rescale_norm)
 
 
+def keep_with_probabilities(x: torch.Tensor, probs: torch.Tensor, seed: int) -> torch.Tensor:
+    """x where u(seed, flat index) < probs, else 0 (x contiguous, probs fp32 of x's shape): the draw of every
+    DELLA path, so one seed gives one result whichever backend ranked the rows."""
+    out = torch.empty_like(x)
+    if x.numel():
+        grid = (triton.cdiv(x.numel(), _DARE_BLOCK),)
+        _bernoulli_keep_kernel[grid](x, probs.contiguous(), out, x.numel(), seed, BLOCK=_DARE_BLOCK, num_warps=8)
+    return out
+
+
 @register("della_magprune", "triton", supports=_supports_first)
 def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm, generator) -> torch.Tensor:
-    return della_with_seed(t, density, epsilon, rescale_norm, _draw_seed(generator))
+    return della_with_seed(t, density, epsilon, rescale_norm, draw_seed(generator))
 
 
 @triton.jit

@@ -17,8 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..._dispatch import register
-
-RESCALE_EPS = 1e-7
+from ..masks.reference import RESCALE_EPS, rescale_masked  # noqa: F401  (mergekit's rescale, one definition)
 
 
 # ------------------------------------------------------------------ consensus
@@ -76,27 +75,6 @@ def band_mask(t: torch.Tensor, lo: int, hi: int, *, later_first: bool = False) -
     return (rank >= lo) & (rank < hi)
 
 
-def rescale_factor(before: torch.Tensor, masked: torch.Tensor, norm: Optional[str]):
-    """mergekit's rescaled_masked_tensor factor, computed in the tensor's dtype: norm(before) / norm(masked),
-    or None (no rescale) when either norm is below 1e-7 or no norm is asked for."""
-    if norm is None:
-        return None
-    if norm == "l1":
-        b, a = before.abs().sum(), masked.abs().sum()
-    elif norm == "l2":
-        b, a = before.norm(), masked.norm()
-    else:
-        b, a = before.abs().max(), masked.abs().max()
-    if b < RESCALE_EPS or a < RESCALE_EPS:
-        return None
-    return b / a
-
-
-def apply_rescale(before: torch.Tensor, masked: torch.Tensor, norm: Optional[str]) -> torch.Tensor:
-    factor = rescale_factor(before, masked, norm)
-    return masked if factor is None else masked * factor
-
-
 @register("magnitude_outliers", "reference")
 def magnitude_outliers(t: torch.Tensor, density: float, gamma: float, rescale_norm: Optional[str] = None):
     """Model Breadcrumbs: drop the int(gamma*n) largest |t| and the smallest, so int(density*n) remain
@@ -109,7 +87,7 @@ def magnitude_outliers(t: torch.Tensor, density: float, gamma: float, rescale_no
         return t
     lo, hi = breadcrumbs_band(t.numel(), density, gamma)
     masked = t * band_mask(t, lo, hi, later_first=True).to(t.dtype)
-    return apply_rescale(t, masked, rescale_norm)
+    return rescale_masked(t, masked, rescale_norm)
 
 
 # ------------------------------------------------------------------ generalized task arithmetic
@@ -144,7 +122,7 @@ def sparsify_delta(delta: torch.Tensor, spars: Optional[str], density: float, *,
         masked = della_magprune(delta, density, epsilon, generator=generator, backend=backend)
     else:
         raise ValueError(f"unknown sparsification {spars!r}")
-    return apply_rescale(delta, masked, rescale_norm)
+    return rescale_masked(delta, masked, rescale_norm)
 
 
 @register("merge_task_vectors", "reference")

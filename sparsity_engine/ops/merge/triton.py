@@ -494,6 +494,10 @@ class _Plan:
         before, after = norms[:, 0].to(dt), norms[:, 1].to(dt)
         ratio = (before / after).float()
         ok = (before >= ref.RESCALE_EPS) & (after >= ref.RESCALE_EPS)
+        # a norm past the dtype's range (fp16 l1 sums): the fp32 norms, as ref.rescale_factor does
+        wide = ~(torch.isfinite(before) & torch.isfinite(after))
+        ratio = torch.where(wide, norms[:, 0] / norms[:, 1], ratio)
+        ok = torch.where(wide, (norms[:, 0] >= ref.RESCALE_EPS) & (norms[:, 1] >= ref.RESCALE_EPS), ok)
         ok &= torch.tensor(active, device=self.device)
         self.scale = torch.where(ok, ratio, torch.ones_like(ratio)).contiguous()
 
