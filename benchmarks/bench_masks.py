@@ -139,13 +139,15 @@ def run(shapes, dtypes, report):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument("--shapes", default="11008x4096,28672x8192", help="comma-separated ROWSxCOLS (GPU run)")
     args = ap.parse_args()
     if args.quick or not torch.cuda.is_available():
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")
         shapes, dtypes, name = [(8, 64)], [torch.float32], "masks_quick"
     else:
-        shapes, dtypes, name = [(11008, 4096), (28672, 8192)], [torch.float32, torch.bfloat16], "masks"
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes, dtypes, name = shapes, [torch.float32, torch.bfloat16], "masks"
     report = Report(name, "mask ops (topk_mask, magnitude_prune, dare, della_magprune) vs the torch anchors; "
                           f"density={DENSITY}, epsilon={EPSILON}")
     run(shapes, dtypes, report)

@@ -6,7 +6,7 @@
 int64_t masks_nm_mask_max_m();
 void masks_nm_mask(uintptr_t scores, uintptr_t out, int64_t numel, int64_t n, int64_t m, int dtype,
                    uintptr_t stream);
-int64_t masks_della_max_cols();
+int64_t masks_della_max_cols(int dtype);
 void masks_della_probs(uintptr_t x, uintptr_t probs, int64_t rows, int64_t n, double lo, double span, int dtype,
                        uintptr_t stream);
 
@@ -15,9 +15,10 @@ SE_BINDINGS(masks) {
         "N:M keep-mask: out[numel] bytes = 1 for the n largest of every m consecutive scores (ties to the lower "
         "index); args: scores ptr, out ptr, numel, n, m, dtype code (kF32/kF16/kBF16), stream");
   m.def("masks_della_probs", &masks_della_probs,
-        "DELLA keep-probabilities of fp16/bf16 rows by a per-row magnitude histogram: probs[rows, n] fp32 = "
+        "DELLA keep-probabilities of fp32/fp16/bf16 rows (16-bit: a per-row magnitude histogram; fp32: a block "
+        "radix sort): probs[rows, n] fp32 = "
         "clamp(lo + span * mean_rank / (n - 1), 0, 1); args: x ptr, probs ptr, rows, n, lo, span, dtype code, "
         "stream");
-  m.def("masks_della_max_cols", &masks_della_max_cols, "longest row masks_della_probs accepts");
+  m.def("masks_della_max_cols", &masks_della_max_cols, "longest row masks_della_probs accepts for a dtype code");
   m.def("masks_nm_mask_max_m", &masks_nm_mask_max_m, "largest group size m masks_nm_mask accepts");
 }

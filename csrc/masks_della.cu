@@ -12,9 +12,16 @@
 //   3. an exclusive prefix sum over the bins (each warp scans a contiguous run of words, conflict free), so
 //      bin b holds below(b) and bin b + 1 holds below(b) + equal(b);
 //   4. p from the two prefixes, written as fp32.
+// fp32 magnitudes have 31-bit keys, too many bins for a histogram: a row of up to kMaxColsF32 entries is sorted
+// as (key, column) pairs by a block radix sort (cub), the runs of equal keys are found by a max-scan of their
+// start positions (each run's last entry records its end at the run's start), and p is written at the column.
 // The arithmetic is the reference's as torch runs it on the GPU: mean rank exact in fp32, times the fp32
 // reciprocal of n - 1 (torch divides by a scalar that way), times span, plus lo, each rounded (no FMA).
+#include <algorithm>
 #include <cstdint>
+
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include "common.h"
 
@@ -25,6 +32,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 1 << 15;                  // 15-bit magnitude keys
 constexpr int kWords = kBins / 2 + 1;           // bins 0 .. kBins (the one past the last holds n)
 constexpr int64_t kMaxCols = 65535;             // 16-bit counters and prefixes
+constexpr int64_t kMaxColsF32 = 16384;          // the largest block radix sort below (512 threads x 32 keys)
 
 __device__ __forceinline__ int magnitude_key(uint16_t bits) { return bits & 0x7FFF; }
 
@@ -82,6 +90,14 @@ __device__ void exclusive_scan_counts(uint32_t* words, int nwords, uint32_t* s_w
   }
 }
 
+__device__ __forceinline__ float della_p(int64_t below_plus_upto_minus_1, int n, float lo, float span,
+                                         float inv_nm1) {
+  // the reference's operations and roundings: (below + upto - 1) * 0.5 exact, * (1 / (n - 1)), * span, + lo
+  const float mean_rank = static_cast<float>(below_plus_upto_minus_1) * 0.5f;
+  const float frac = n > 1 ? __fmul_rn(mean_rank, inv_nm1) : 0.5f;
+  return fminf(fmaxf(__fadd_rn(__fmul_rn(span, frac), lo), 0.0f), 1.0f);
+}
+
 __global__ void __launch_bounds__(kThreads) della_probs_kernel(const uint16_t* __restrict__ x,
                                                                 float* __restrict__ probs, int n, float lo,
                                                                 float span, float inv_nm1) {
@@ -113,25 +129,106 @@ __global__ void __launch_bounds__(kThreads) della_probs_kernel(const uint16_t* _
   for (int j = threadIdx.x; j < n; j += kThreads) {
     const int b = magnitude_key(xr[j]) - kmin;
     const uint32_t below = prefix_at(words, b), upto = prefix_at(words, b + 1);
-    const float mean_rank = static_cast<float>(below + upto - 1) * 0.5f;
-    const float frac = n > 1 ? __fmul_rn(mean_rank, inv_nm1) : 0.5f;
-    const float p = __fadd_rn(__fmul_rn(span, frac), lo);
-    pr[j] = fminf(fmaxf(p, 0.0f), 1.0f);
+    pr[j] = della_p(static_cast<int64_t>(below) + upto - 1, n, lo, span, inv_nm1);
   }
+}
+
+// fp32 rows of n <= THREADS * ITEMS entries, one block per row.
+template <int THREADS, int ITEMS>
+struct F32Rows {
+  static constexpr int kPad = THREADS * ITEMS;
+  using Sort = cub::BlockRadixSort<uint32_t, THREADS, ITEMS, uint16_t>;
+  using Scan = cub::BlockScan<int, THREADS>;
+  // the sort's storage, later reused for the sorted keys and each run's end; the scan's storage after it
+  static constexpr size_t kMain = std::max(sizeof(typename Sort::TempStorage), size_t{2} * kPad * sizeof(uint32_t));
+  static constexpr size_t kSmem = (kMain + 15) / 16 * 16 + sizeof(typename Scan::TempStorage);
+};
+
+template <int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) della_probs_f32_kernel(const uint32_t* __restrict__ x,
+                                                                   float* __restrict__ probs, int n, float lo,
+                                                                   float span, float inv_nm1) {
+  using Cfg = F32Rows<THREADS, ITEMS>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  auto& sort_tmp = *reinterpret_cast<typename Cfg::Sort::TempStorage*>(smem);
+  auto& scan_tmp = *reinterpret_cast<typename Cfg::Scan::TempStorage*>(smem + (Cfg::kMain + 15) / 16 * 16);
+  uint32_t* skey = reinterpret_cast<uint32_t*>(smem);
+  int* run_end = reinterpret_cast<int*>(skey + Cfg::kPad);
+  const int64_t row = blockIdx.x;
+  const uint32_t* xr = x + row * n;
+
+  // Loaded striped (coalesced): a sort does not care which arrangement its input is in. Padding sorts last.
+  uint32_t keys[ITEMS];
+  uint16_t cols[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int j = i * THREADS + threadIdx.x;
+    keys[i] = j < n ? (xr[j] & 0x7FFFFFFFu) : 0xFFFFFFFFu;
+    cols[i] = static_cast<uint16_t>(j);
+  }
+  typename Cfg::Sort(sort_tmp).Sort(keys, cols);  // now blocked: thread t holds positions t * ITEMS + i
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) skey[threadIdx.x * ITEMS + i] = keys[i];
+  __syncthreads();
+  int start[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int pos = threadIdx.x * ITEMS + i;
+    start[i] = (pos == 0 || skey[pos - 1] != keys[i]) ? pos : 0;
+  }
+  typename Cfg::Scan(scan_tmp).InclusiveScan(start, start, cuda::maximum<>{});  // each position's run start
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int pos = threadIdx.x * ITEMS + i;
+    if (pos == Cfg::kPad - 1 || skey[pos + 1] != keys[i]) run_end[start[i]] = pos;
+  }
+  __syncthreads();
+  float* pr = probs + row * n;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int pos = threadIdx.x * ITEMS + i;
+    if (pos < n) pr[cols[i]] = della_p(static_cast<int64_t>(start[i]) + run_end[start[i]], n, lo, span, inv_nm1);
+  }
+}
+
+template <int THREADS, int ITEMS>
+void launch_f32(const uint32_t* x, float* probs, int64_t rows, int n, float lo, float span, float inv_nm1,
+                cudaStream_t stream) {
+  constexpr size_t smem = F32Rows<THREADS, ITEMS>::kSmem;
+  auto kernel = della_probs_f32_kernel<THREADS, ITEMS>;
+  SE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(rows), THREADS, smem, stream>>>(x, probs, n, lo, span, inv_nm1);
+  SE_CHECK_LAUNCH();
 }
 
 }  // namespace
 
-int64_t masks_della_max_cols() { return kMaxCols; }
+int64_t masks_della_max_cols(int dtype) { return dtype == kF32 ? kMaxColsF32 : kMaxCols; }
 
-// x: rows x n contiguous fp16/bf16 values (finite), probs: rows x n fp32. lo = density - epsilon and
+// x: rows x n contiguous fp32/fp16/bf16 values (finite), probs: rows x n fp32. lo = density - epsilon and
 // span = 2 * epsilon arrive as doubles and are rounded to fp32 as torch rounds a Python scalar.
 void masks_della_probs(uintptr_t x, uintptr_t probs, int64_t rows, int64_t n, double lo, double span, int dtype,
                        uintptr_t stream) {
-  SE_REQUIRE(dtype == kF16 || dtype == kBF16, "dtype must be float16 or bfloat16, got code " + std::to_string(dtype));
-  SE_REQUIRE(n >= 1 && n <= kMaxCols, "n must be in [1, " + std::to_string(kMaxCols) + "], got " + std::to_string(n));
+  SE_REQUIRE(dtype == kF32 || dtype == kF16 || dtype == kBF16,
+             "dtype must be float32, float16 or bfloat16, got code " + std::to_string(dtype));
+  const int64_t max_cols = masks_della_max_cols(dtype);
+  SE_REQUIRE(n >= 1 && n <= max_cols, "n must be in [1, " + std::to_string(max_cols) + "], got " + std::to_string(n));
   SE_REQUIRE(rows >= 0 && rows < (int64_t{1} << 31), "rows must be in [0, 2**31), got " + std::to_string(rows));
   if (rows == 0) return;
+  if (dtype == kF32) {
+    const float inv = n > 1 ? 1.0f / static_cast<float>(n - 1) : 0.0f;
+    const auto* xp = se::as_ptr<const uint32_t>(x);
+    float* pp = se::as_ptr<float>(probs);
+    const float l = static_cast<float>(lo), sp = static_cast<float>(span);
+    cudaStream_t s = se::as_stream(stream);
+    const int ni = static_cast<int>(n);
+    if (n <= 2048) launch_f32<256, 8>(xp, pp, rows, ni, l, sp, inv, s);
+    else if (n <= 4096) launch_f32<256, 16>(xp, pp, rows, ni, l, sp, inv, s);
+    else if (n <= 8192) launch_f32<512, 16>(xp, pp, rows, ni, l, sp, inv, s);
+    else launch_f32<512, 32>(xp, pp, rows, ni, l, sp, inv, s);
+    return;
+  }
   constexpr size_t smem = kWords * sizeof(uint32_t);
   // above the 48 KB default: opt in (per device, so on every call; it costs no GPU time)
   SE_CUDA_CHECK(cudaFuncSetAttribute(della_probs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

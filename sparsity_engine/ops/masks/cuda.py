@@ -1,5 +1,5 @@
 """CUDA backend of the mask ops: thin wrappers over csrc/masks.cu (N:M) and csrc/masks_della.cu (DELLA ranks),
-built by sparsity_engine._ext."""
+built by sparsity_engine._ext. Each DELLA row is ranked by one thread block, never by a global sort."""
 from __future__ import annotations
 
 from typing import List
@@ -12,8 +12,8 @@ from . import reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_M = 256  # csrc/masks.cu kMaxM: the generic kernel reads the m scores of a group per element
-DELLA_MAX_COLS = 65535  # csrc/masks_della.cu kMaxCols: 16-bit histogram counters
-_DELLA_DTYPES = (torch.float16, torch.bfloat16)
+# csrc/masks_della.cu kMaxCols (16-bit histogram counters) and kMaxColsF32 (the largest block radix sort)
+DELLA_MAX_COLS = {torch.float16: 65535, torch.bfloat16: 65535, torch.float32: 16384}
 
 
 def _nm_supports(scores: torch.Tensor, n: int, m: int) -> List[str]:
@@ -38,12 +38,13 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def _della_supports(t: torch.Tensor, density, epsilon, rescale_norm, generator) -> List[str]:
     reasons = []
-    if t.dtype not in _DELLA_DTYPES:
-        reasons.append(f"dtype {str(t.dtype).replace('torch.', '')} is not supported by the CUDA DELLA kernel "
-                       "(float16 and bfloat16 are: their 15-bit magnitude keys are ranked by a histogram)")
     n = t.shape[-1] if t.dim() else 1
-    if n > DELLA_MAX_COLS:
-        reasons.append(f"rows of {n} entries exceed the CUDA DELLA kernel's limit of {DELLA_MAX_COLS}")
+    if t.dtype not in DELLA_MAX_COLS:
+        reasons.append(f"dtype {str(t.dtype).replace('torch.', '')} is not supported by the CUDA DELLA kernel "
+                       "(float32, float16 and bfloat16 are)")
+    elif n > DELLA_MAX_COLS[t.dtype]:
+        reasons.append(f"rows of {n} entries exceed the CUDA DELLA kernel's limit of {DELLA_MAX_COLS[t.dtype]} "
+                       f"for {str(t.dtype).replace('torch.', '')}")
     try:
         from . import triton as _  # noqa: F401  (the Philox draw)
     except ImportError as exc:
@@ -52,8 +53,9 @@ def _della_supports(t: torch.Tensor, density, epsilon, rescale_norm, generator) 
 
 
 def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """reference.della_probabilities (fp32, t's shape) of an fp16/bf16 tensor, rows ranked by a per-row
-    histogram of magnitude keys: bit-identical to the reference run by torch on the GPU."""
+    """reference.della_probabilities (fp32, t's shape), bit-identical to the reference run by torch on the GPU:
+    fp16/bf16 rows ranked by a per-row histogram of their 15-bit magnitude keys, fp32 rows by a block radix
+    sort of (31-bit magnitude key, column) pairs."""
     x = t.contiguous()
     n = x.shape[-1] if x.dim() else 1
     probs = torch.empty(x.shape, dtype=torch.float32, device=x.device)
