@@ -30,25 +30,31 @@ _INV_CHUNK = 1024    # columns of L^-1 solved at a time (bounds the workspace)
 # ---------------------------------------------------------------- inverse factor
 
 def _reversed_factor(hessian, dead, damp, dtype):
-    """L^-1 with J H_d J = L L^T (lower, float32), or None if H_d is not positive definite."""
+    """L^-1 with J H_d J = L L^T (lower, float32, column-major), or None if H_d is not positive definite.
+
+    One n x n buffer holds J H_d J, then L (Cholesky in place), then L^-1: its columns j..j2 need only
+    L[j:, j:], and later chunks read only L[j2:, j2:], so each solved chunk overwrites the columns it came
+    from. Besides that buffer the work space is O(n x _INV_CHUNK)."""
     n = hessian.shape[0]
-    Hr = hessian.flip((0, 1)).to(torch.float32)  # flip copies: the input is never modified
-    diag = Hr.diagonal()
-    diag[dead.flip(0)] = 1
-    diag += damp
-    L, info = torch.linalg.cholesky_ex(Hr)
-    del Hr
-    if int(info) != 0:
-        return None
-    Linv = torch.zeros(n, n, dtype=L.dtype, device=L.device)  # row-major (L itself is column-major)
+    buf = torch.empty((n, n), dtype=torch.float32, device=hessian.device).t()  # column-major, as LAPACK keeps L
     for j in range(0, n, _INV_CHUNK):
         j2 = min(j + _INV_CHUNK, n)
-        # columns j..j2 of L^-1 are zero above row j: solve only the trailing system
-        eye = torch.eye(n - j, j2 - j, dtype=L.dtype, device=L.device)
-        Linv[j:, j:j2] = torch.linalg.solve_triangular(L[j:, j:], eye, upper=False)
-    if not bool(torch.isfinite(Linv).all()):
+        buf[j:j2] = hessian[n - j2:n - j].flip((0, 1))  # J H J a chunk of rows at a time (flip copies)
+    diag = buf.diagonal()
+    diag[dead.flip(0)] = 1
+    diag += damp
+    info = torch.empty((), dtype=torch.int32, device=buf.device)
+    torch.linalg.cholesky_ex(buf, out=(buf, info))
+    if int(info) != 0:
         return None
-    return Linv
+    finite = torch.ones((), dtype=torch.bool, device=buf.device)
+    for j in range(0, n, _INV_CHUNK):
+        j2 = min(j + _INV_CHUNK, n)
+        eye = torch.eye(n - j, j2 - j, dtype=buf.dtype, device=buf.device)
+        inv = torch.linalg.solve_triangular(buf[j:, j:], eye, upper=False)
+        finite &= torch.isfinite(inv).all()
+        buf[j:, j:j2] = inv  # rows above j stay zero: L's upper triangle
+    return buf if bool(finite) else None
 
 
 def upper_inverse_factor(hessian: torch.Tensor, percdamp: float, who: str = "sparsegpt_prune"):
@@ -108,40 +114,36 @@ def _obs_block_kernel(w_ptr, stride_w, u_ptr, stride_u, prune_ptr, err_ptr, stri
     tl.store(loss_ptr + r, old + 0.5 * loss, mask=r_ok)
 
 
-@triton.jit
-def _lazy_update_kernel(c_ptr, ldc, a_ptr, lda, b_ptr, ldb, M, N, K: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """C[M, N] -= A[M, K] @ B[K, N] in place (row-major, leading dims ld*), fp32 accumulate on tensor cores."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * lda + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + rk[:, None].to(tl.int64) * ldb + rn[None, :],
-                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    ptrs = c_ptr + rm[:, None].to(tl.int64) * ldc + rn[None, :]
-    ok = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) - acc, mask=ok)
-
-
 # How the lazy update W[:, i2:] -= Err @ U[i1:i2, i2:] runs: 'cublas' (torch.addmm in true fp32, the
-# default) or 'tf32x3' (the Triton kernel above: three TF32 tensor-core products, ~fp32 accuracy).
+# default) or 'tf32x3' (one cuBLAS TF32 tensor-core product over the split operands, ~fp32 accuracy).
 LAZY_UPDATE = "cublas"
+_TF32_HI = -(1 << 13)  # int32 mask clearing the 13 low mantissa bits: what is left is exact in TF32
+
+
+def _split3(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[hi, hi, lo] (dim=1) or [hi, lo, hi] (dim=0) stacked along ``dim``, where x = hi + lo exactly and hi
+    has TF32's 10 mantissa bits, so one TF32 product of the stacks is hi_a hi_b + hi_a lo_b + lo_a hi_b."""
+    k = x.shape[dim]
+    out = x.new_empty((x.shape[0], 3 * k) if dim == 1 else (3 * k, x.shape[1]))
+    parts = out.split(k, dim=dim)
+    hi, second, third = parts if dim == 1 else (parts[0], parts[2], parts[1])
+    torch.bitwise_and(x.view(torch.int32), _TF32_HI, out=hi.view(torch.int32))
+    second.copy_(hi)
+    torch.sub(x, hi, out=third)
+    return out
 
 
 def _lazy_update(W: torch.Tensor, i2: int, err: torch.Tensor, slab: torch.Tensor) -> None:
     if LAZY_UPDATE == "cublas":
         W[:, i2:].addmm_(err, slab, alpha=-1.0)
         return
-    M, K = err.shape
-    N = slab.shape[1]
-    BM, BN, BK = 128, 128, 32
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _lazy_update_kernel[grid](W[:, i2:], W.stride(0), err, err.stride(0), slab, slab.stride(0), M, N, K,
-                              BM=BM, BN=BN, BK=BK, PRECISION="tf32x3", num_warps=8, num_stages=3)
+    a, b = _split3(err, 1), _split3(slab, 0)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        W[:, i2:].addmm_(a, b, alpha=-1.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 # ---------------------------------------------------------------- launcher
