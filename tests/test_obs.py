@@ -254,6 +254,7 @@ KERNEL_CASES = [
     (7, 24, dict(sparsity=0.3, blocksize=24), ()),
     (12, 40, dict(prune_n=2, prune_m=4, blocksize=16), (0, 9)),
     (5, 48, dict(prune_n=4, prune_m=8, blocksize=32), (47,)),
+    (6, 36, dict(prune_n=2, prune_m=3, blocksize=12), (5,)),   # M not a power of two: the generic ranking
 ]
 
 
@@ -348,8 +349,9 @@ def test_kernel_matches_reference_llama_sizes(monkeypatch, lazy, rows, cols, kw,
 
 @pytest.mark.cuda
 def test_inverse_factor_holds_one_square_buffer():
-    """The reversed Cholesky and its inverse share one cols x cols buffer: the extra memory of the factor
-    step is 1 x cols^2 fp32 plus O(cols x 1024) of work space (cuSOLVER's included)."""
+    """The reversed Cholesky and its inverse share one cols x cols buffer; cuSOLVER's Cholesky holds one more
+    cols^2 while it runs (measured on an H200, 2026-12-02; 3 x cols^2 before the buffer was shared), plus
+    O(cols x 1024) of work space."""
     from sparsity_engine.ops.obs import triton as obs_triton
     _, H = _llama_case(8, 8192)
     dead = torch.zeros(8192, dtype=torch.bool, device="cuda")
@@ -360,7 +362,7 @@ def test_inverse_factor_holds_one_square_buffer():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     n2 = 8192 * 8192 * 4
-    assert Linv is not None and extra <= n2 + 8192 * 1024 * 4 * 3, extra / n2
+    assert Linv is not None and extra <= 2 * n2 + 8192 * 1024 * 4 * 3, extra / n2
     U = Linv.flip((0, 1))
     assert torch.equal(U.tril(-1), torch.zeros_like(U))
     Hd = H.double() + 0.01 * H.diagonal().mean().double() * torch.eye(8192, device="cuda", dtype=torch.float64)
