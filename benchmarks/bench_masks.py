@@ -128,6 +128,16 @@ def run(shapes, dtypes, report):
                 [("mergekit", della), ("reference", ref)])
             row("della", "ours kernel", lambda: mt.della_magprune(x, DENSITY, EPSILON, None, None), val_bytes,
                 [("mergekit", della), ("reference", ref)])
+            # a task vector as merges see it: t - base in the model's dtype, quantised to the base's ulps, so
+            # most rows hold few distinct magnitudes (ties stress the ranking differently from randn)
+            base = torch.randn(shape, device=dev).to(dtype)
+            tv = (base.float() + 0.01 * torch.randn(shape, device=dev)).to(dtype) - base
+            del base
+            della_tv = row("della (task vector)", "mergekit-style 2 argsorts",
+                           lambda: two_argsort_della(tv, DENSITY, EPSILON), val_bytes)
+            row("della (task vector)", "ours op", lambda: se.della_magprune(tv, DENSITY, EPSILON), val_bytes,
+                [("mergekit", della_tv)])
+            del tv
             report.print_table(["shape", "dtype", "op", "impl", "ms", "GBps", "x_read_floor",
                                 "speedup_vs_topk", "speedup_vs_argsort", "speedup_vs_mergekit"])
             report.save()  # after every configuration: a run cut short still leaves its numbers
