@@ -212,6 +212,19 @@ def test_kernel_matches_reference_deterministic(dtype, method, shape, n_models):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_kernel_matches_reference_heavy_ties(dtype, method):
+    """Integer deltas: every band edge falls inside a long run of equal magnitudes spread over several
+    blocks, so the selected edge key, the count of ties before it and the per-block tie ranks all matter."""
+    base = torch.randn(3, 5000, device=KERNEL_DEVICE).to(dtype)
+    ts = [(base.float() + torch.randint(-3, 4, (3, 5000), device=KERNEL_DEVICE)).to(dtype) for _ in range(3)]
+    kw = dict(method=method, density=[0.3, 0.55, 0.8], gamma=0.1)
+    expected = se.merge_task_vectors(base, ts, [1.0, 0.5, 0.7], backend="reference", **kw)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.5, 0.7], backend="triton", **kw)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rescale", [True, "l2", "linf"])
 @pytest.mark.parametrize("consensus", [None, "count"])
 def test_kernel_matches_reference_rescale_and_count(dtype, rescale, consensus):

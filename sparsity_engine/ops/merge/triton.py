@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -414,53 +413,57 @@ class _Plan:
 
     def _radix_select(self, targets) -> None:
         """Per searching edge: the key K of the p-th largest |delta| and how many entries equal to K are
-        before the edge (T), by most-significant-digit radix select over the key bits."""
+        before the edge (T), by most-significant-digit radix select over the key bits. The digit of each
+        pass is chosen on the device (no host round trip between passes); the host reads the result once."""
         if self.tensors[0].dtype == torch.float32:
             width, shifts = 8, [24, 16, 8, 0]
         else:
             width, shifts = 5, [10, 5, 0]  # 15-bit keys: 32-bin histograms are cheap to build
         bins = 1 << width
         rows = 2 * self.N
-        remaining = np.array([t if t is not None else 0 for t in targets], dtype=np.int64)
-        prefix = np.array([0 if t is not None else -1 for t in targets], dtype=np.int64)
-        per_block = torch.empty((rows, self.nblocks, bins), dtype=torch.int32, device=self.device)
-        digit = np.zeros(rows, dtype=np.int64)
+        dev = self.device
+        # prefix < 0 marks an edge that needs no search; remaining = rank still to find below the prefix
+        prefix = torch.tensor([0 if t is not None else -1 for t in targets], dtype=torch.int32, device=dev)
+        remaining = torch.tensor([t if t is not None else 0 for t in targets], dtype=torch.int64, device=dev)
+        per_block = torch.empty((rows, self.nblocks, bins), dtype=torch.int32, device=dev)
         for shift in shifts:
-            pre_dev = torch.tensor(prefix, dtype=torch.int32).to(self.device)
-            _hist_kernel[(self.nblocks,)](*self.ptrs, self.base_ptr, self.n, pre_dev, per_block, self.nblocks, shift,
+            _hist_kernel[(self.nblocks,)](*self.ptrs, self.base_ptr, self.n, prefix, per_block, self.nblocks, shift,
                                           N=self.N, HAS_BASE=self.base is not None, W=width, TB=TB, SUB=SUB,
                                           RP=triton.next_power_of_2(2 * self.N), num_warps=NUM_WARPS)
-            h = per_block.sum(dim=1).cpu().numpy()
-            for r in range(rows):
-                if prefix[r] < 0:
-                    continue
-                desc = h[r, ::-1].cumsum()          # entries with digit >= bins - 1 - k
-                k = int(np.searchsorted(desc, remaining[r]))  # first k with desc[k] >= remaining
-                digit[r] = bins - 1 - k
-                remaining[r] -= desc[k] - h[r, digit[r]]
-                prefix[r] = (prefix[r] << width) | digit[r]
-        tie_rows = []
+            h = per_block.sum(dim=1)                           # [rows, bins] int64
+            desc = h.flip(1).cumsum(1)                         # desc[:, k]: entries with digit >= bins - 1 - k
+            k = (desc < remaining[:, None]).sum(1).clamp_(max=bins - 1)  # first k with desc[k] >= remaining
+            digit = bins - 1 - k
+            passed = desc.gather(1, k[:, None])[:, 0] - h.gather(1, digit[:, None])[:, 0]  # digits above
+            search = prefix >= 0
+            remaining = torch.where(search, remaining - passed, remaining)
+            prefix = torch.where(search, (prefix << width) | digit.to(torch.int32), prefix)
+        ties_dev = h.gather(1, (prefix & (bins - 1)).clamp_(min=0).long()[:, None])[:, 0]
+        prefix_h, remaining_h, ties_h = (v.tolist() for v in torch.stack(
+            [prefix.long(), remaining, ties_dev]).cpu())
+        tie_rows, digits = [], []
         for r in range(rows):
             if targets[r] is None:
                 continue
-            ties = int(h[r, digit[r]])
-            self.K[r] = int(prefix[r])
-            if remaining[r] >= ties:
+            ties, rem = int(ties_h[r]), int(remaining_h[r])
+            self.K[r] = int(prefix_h[r])
+            if rem >= ties:
                 # the whole run of equal keys is before the edge
                 self.T[r] = 0 if self.later_first else INT_MAX
             else:
                 # before: the first `remaining` equal keys in index order, or the last ones with later_first
-                self.T[r] = int(ties - remaining[r]) if self.later_first else int(remaining[r])
+                self.T[r] = int(ties - rem) if self.later_first else rem
                 self.need_ties |= 1 << (r % 2)
                 tie_rows.append(r)
+                digits.append(int(prefix_h[r]) & (bins - 1))
         if self.later_first:
             self.need_ties |= 4  # tells the kernel how T reads, ranks needed or not
         if tie_rows:
             # tie ranks: entries equal to K in earlier blocks, from the last pass's per-block counts
-            r_idx = torch.tensor(tie_rows, device=self.device)
-            d_idx = torch.tensor([int(digit[r]) for r in tie_rows], device=self.device)
+            r_idx = torch.tensor(tie_rows, device=dev)
+            d_idx = torch.tensor(digits, device=dev)
             counts = per_block[r_idx, :, d_idx]
-            tpre = torch.zeros((rows, self.nblocks), dtype=torch.int32, device=self.device)
+            tpre = torch.zeros((rows, self.nblocks), dtype=torch.int32, device=dev)
             tpre[r_idx] = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts)
             self.tpre = tpre
 
