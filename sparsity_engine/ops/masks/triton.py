@@ -10,7 +10,8 @@
   index, so a seed reproduces the draw whatever the launch configuration.
 * DELLA: one program per row sorts (magnitude key, column) pairs once, takes mean ranks of equal magnitudes
   from two segmented scans, and draws, masks and writes in the same pass; rows longer than DELLA_SORT_MAX
-  are ranked by torch and drawn by a fused elementwise kernel.
+  are ranked by torch and drawn by a fused elementwise kernel. On a GPU the CUDA backend (cuda.py) ranks rows
+  without sorting in registers and draws with the same kernel, so a seed gives the same entries on both.
 """
 from __future__ import annotations
 

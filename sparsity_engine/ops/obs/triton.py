@@ -143,7 +143,8 @@ def _obs_block_kernel(w_ptr, stride_w, u_ptr, stride_u, prune_ptr, err_ptr, stri
 # How the lazy update W[:, i2:] -= Err @ U[i1:i2, i2:] runs: 'cublas' (torch.addmm in true fp32), 'tf32x3'
 # (one cuBLAS TF32 tensor-core product over the split operands, ~fp32 accuracy) or 'auto' (tf32x3 on a GPU
 # for updates of at least TF32X3_MIN_ELEMENTS entries of W, where the product outweighs the split's launches;
-# on an H200 on 2026-12-02 it cut 28672x8192 from 115 to 92 ms and lost ~3 ms at 4096x4096).
+# on an H200 on 2026-12-02 it cut 28672x8192 from 115 to 92 ms; forced on every block it lost 3-5 ms at
+# 4096x4096, where the split's launches outweigh the product).
 LAZY_UPDATE = "auto"
 TF32X3_MIN_ELEMENTS = 1 << 25
 _TF32_HI = -(1 << 13)  # int32 mask clearing the 13 low mantissa bits: what is left is exact in TF32
