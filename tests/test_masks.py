@@ -487,16 +487,19 @@ def _della_rows_cases():
     return cases
 
 
+_DELLA_SHAPES = [(3, 1), (1, 2), (5, 33), (2, 3, 129), (7, 2048), (4096, 4096), (9, 4097), (256, 11008),
+                 (3, 16384), (64, 28672), (2, 65535)]
+_DELLA_CUDA_MAX_COLS = {torch.float32: 16384, torch.float16: 65535, torch.bfloat16: 65535}  # masks.cuda's
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 1), (1, 2), (5, 33), (2, 3, 129), (7, 2048), (4096, 4096), (9, 4097),
-                                   (256, 11008), (3, 16384), (64, 28672), (2, 65535)])
+@pytest.mark.parametrize("dtype,shape", [(dt, sh) for dt in DTYPES for sh in _DELLA_SHAPES
+                                         if sh[-1] <= _DELLA_CUDA_MAX_COLS[dt]])
 @pytest.mark.parametrize("case", ["ties", "wide", "few values"])
 def test_della_cuda_probabilities_match_reference(dtype, shape, case):
     from sparsity_engine.ops.masks import cuda as mc
     from sparsity_engine.ops.masks.reference import della_probabilities
-    if shape[-1] > mc.DELLA_MAX_COLS[dtype]:
-        pytest.skip(f"rows of {shape[-1]} {dtype} go to the Triton backend (test_della_cuda_declines_...)")
+    assert mc.DELLA_MAX_COLS == _DELLA_CUDA_MAX_COLS
     x = _della_rows_cases()[case](shape, dtype)
     for density, eps in ((0.4, 0.2), (0.5, 0.5), (0.9, 0.1)):
         got = mc.della_probabilities(x, density, eps)
