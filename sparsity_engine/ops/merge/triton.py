@@ -438,7 +438,7 @@ class _Plan:
             search = prefix >= 0
             remaining = torch.where(search, remaining - passed, remaining)
             prefix = torch.where(search, (prefix << width) | digit.to(torch.int32), prefix)
-        ties_dev = h.gather(1, (prefix & (bins - 1)).clamp_(min=0).long()[:, None])[:, 0]
+        ties_dev = h.gather(1, (prefix & (bins - 1)).long()[:, None])[:, 0]  # count of the last digit
         prefix_h, remaining_h, ties_h = (v.tolist() for v in torch.stack(
             [prefix.long(), remaining, ties_dev]).cpu())
         tie_rows, digits = [], []
@@ -497,7 +497,7 @@ class _Plan:
         before, after = norms[:, 0].to(dt), norms[:, 1].to(dt)
         ratio = (before / after).float()
         ok = (before >= ref.RESCALE_EPS) & (after >= ref.RESCALE_EPS)
-        # a norm past the dtype's range (fp16 l1 sums): the fp32 norms, as ref.rescale_factor does
+        # a norm past the dtype's range (fp16 l1 sums): the fp32 norms, as masks.reference.rescale_factor does
         wide = ~(torch.isfinite(before) & torch.isfinite(after))
         ratio = torch.where(wide, norms[:, 0] / norms[:, 1], ratio)
         ok = torch.where(wide, (norms[:, 0] >= ref.RESCALE_EPS) & (norms[:, 1] >= ref.RESCALE_EPS), ok)
