@@ -157,7 +157,7 @@ def main():
         shapes, dtypes, name = [(8, 64)], [torch.float32], "masks_quick"
     else:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        shapes, dtypes, name = shapes, [torch.float32, torch.bfloat16], "masks"
+        dtypes, name = [torch.float32, torch.bfloat16], "masks"
     report = Report(name, "mask ops (topk_mask, magnitude_prune, dare, della_magprune) vs the torch anchors; "
                           f"density={DENSITY}, epsilon={EPSILON}")
     run(shapes, dtypes, report)

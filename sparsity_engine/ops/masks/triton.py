@@ -478,15 +478,15 @@ def della_with_seed(t: torch.Tensor, density: float, epsilon: float, rescale_nor
             _della_rows_kernel[(rows,)](x, out, n, seed, lo, span, inv_nm1, frac0, ROW_BLOCK=block,
                                         WIDE=x.dtype == torch.float32)
         else:
-            out = keep_with_probabilities(x, reference.della_probabilities(x, density, epsilon), seed)
+            keep_with_probabilities(x, reference.della_probabilities(x, density, epsilon), seed, out=out)
     out = out.view(t.shape)
     return reference.rescale_masked(t, out, rescale_norm)
 
 
-def keep_with_probabilities(x: torch.Tensor, probs: torch.Tensor, seed: int) -> torch.Tensor:
-    """x where u(seed, flat index) < probs, else 0 (x contiguous, probs fp32 of x's shape): the draw of every
-    DELLA path, so one seed gives one result whichever backend ranked the rows."""
-    out = torch.empty_like(x)
+def keep_with_probabilities(x: torch.Tensor, probs: torch.Tensor, seed: int, out=None) -> torch.Tensor:
+    """x where u(seed, flat index) < probs, else 0 (x contiguous, probs fp32 of x's shape; written into ``out``
+    when given): the draw of every DELLA path, so one seed gives one result whichever backend ranked the rows."""
+    out = torch.empty_like(x) if out is None else out
     if x.numel():
         grid = (triton.cdiv(x.numel(), _DARE_BLOCK),)
         _bernoulli_keep_kernel[grid](x, probs.contiguous(), out, x.numel(), seed, BLOCK=_DARE_BLOCK, num_warps=8)
