@@ -4,8 +4,10 @@ Grid: W [N, K] in {4096x4096, 11008x4096, 4096x11008, 28672x8192} x {bf16, fp16}
 90%} x batch {1, 4, 16, 64, 256} tokens. Per point, on the same inputs:
 
 * dense_us  -- F.linear with the masked dense weight (cuBLAS; the time of any masked-dense model);
-* ours_us   -- our sparse kernel (csr_linear with dense_fallback=False: the CUDA kernel for 1..16 tokens,
-  the Triton SpMM above);
+* ours_us   -- our sparse path (csr_linear with dense_fallback=False: the CUDA backend, which runs the
+  warp-per-row kernel below TILES_MIN_TOKENS tokens and the tensor-core tiles kernel from there on);
+* rows_us / tiles_us -- each CUDA kernel on its own (rows: 1..16 tokens; tiles: fp16/bf16), to see the
+  crossover;
 * auto_us   -- csr_linear as shipped (backend=None): where the rule picks dense, the weight is rebuilt from
   CSR and F.linear runs (only timed where it differs from ours_us);
 * cusparse_us -- torch.sparse.mm on the same matrix as a torch sparse CSR tensor (reps capped);
@@ -19,6 +21,7 @@ flushes by WRITING zeros instead, which leaves dirty lines in L2 that the timed 
 medians of slow calls were noisy in our runs; its medians are recorded too at batch 1 (``*_dobench_us``).
 
     python benchmarks/bench_csr.py            # GPU, the grid above (~3 min on an H100)
+    python benchmarks/bench_csr.py --shapes 11008x4096 --sparsities 0.8,0.9 --batches 1,16 --dtypes bfloat16
     python benchmarks/bench_csr.py --quick    # tiny sizes, CPU smoke test
 """
 from __future__ import annotations
@@ -103,11 +106,13 @@ def timing(fn, reps=40, cap_ms=100):
     return times[len(times) // 2]
 
 
-def run(quick: bool) -> Report:
+def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None) -> Report:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = QUICK_SHAPES if quick else SHAPES
-    batches = QUICK_BATCHES if quick else BATCHES
-    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
+    batches = batches or (QUICK_BATCHES if quick else BATCHES)
+    dtypes = dtypes or ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16])
+    sparsities = sparsities or SPARSITIES
+    kernels = _cuda_kernels() if device.type == "cuda" else None
     bw = copy_bandwidth(device)
     report = Report("csr_linear", "CSR linear vs dense cuBLAS vs torch.sparse CSR; floor = bytes at copy bandwidth")
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s on {report.env['device']}", flush=True)
@@ -115,7 +120,7 @@ def run(quick: bool) -> Report:
     for n, k in shapes:
         for dtype in dtypes:
             dense_cache = {}
-            for sp in SPARSITIES:
+            for sp in sparsities:
                 w = pruned_weight(n, k, sp, dtype, device, gen)
                 csr = se.to_csr(w)
                 measured_sp = 1 - csr.density
@@ -135,6 +140,13 @@ def run(quick: bool) -> Report:
                     if t == 1 and device.type == "cuda":
                         extra = dict(dense_dobench_us=bench(dense_fn, warmup_ms=2, rep_ms=4) * 1e3,
                                      ours_dobench_us=bench(ours, warmup_ms=2, rep_ms=4) * 1e3)
+                    if kernels is not None:
+                        rows_fn, tiles_fn, tiles_ok, max_rows = kernels
+                        if t <= max_rows:
+                            extra["rows_us"] = timing(lambda: rows_fn(x, csr, None))
+                        if tiles_ok(x, csr):
+                            extra["tiles_us"] = timing(lambda: tiles_fn(x, csr, None))
+                            extra["tiles_rel_err"] = float((tiles_fn(x, csr, None).double() - ref).norm() / ref.norm())
                     auto_us = ours_us
                     if prefer_dense(t, csr.density):
                         auto_us = timing(lambda: se.csr_linear(x, csr))
@@ -158,6 +170,11 @@ def run(quick: bool) -> Report:
                     torch.cuda.empty_cache()
         report.save()  # partial results survive a time limit
     return report
+
+
+def _cuda_kernels():
+    from sparsity_engine.ops.csr import cuda as csr_cuda
+    return csr_cuda.csr_linear_rows, csr_cuda.csr_linear_tiles, csr_cuda.tiles_apply, csr_cuda.MAX_TOKENS
 
 
 def _short(v):
@@ -206,10 +223,19 @@ def plot(ax, rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    parser.add_argument("--shapes", help="comma-separated NxK (default: the grid above)")
+    parser.add_argument("--batches", help="comma-separated token counts")
+    parser.add_argument("--sparsities", help="comma-separated fractions")
+    parser.add_argument("--dtypes", help="comma-separated: bfloat16, float16")
     args = parser.parse_args(argv)
-    report = run(args.quick)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
+    batches = [int(v) for v in args.batches.split(",")] if args.batches else None
+    sparsities = [float(v) for v in args.sparsities.split(",")] if args.sparsities else None
+    dtypes = [getattr(torch, v) for v in args.dtypes.split(",")] if args.dtypes else None
+    report = run(args.quick, shapes, batches, dtypes, sparsities)
     summarize(report)
-    report.print_table(["shape", "dtype", "sparsity", "batch", "dense_us", "ours_us", "auto_us", "cusparse_us",
+    report.print_table(["shape", "dtype", "sparsity", "batch", "dense_us", "ours_us", "rows_us", "tiles_us",
+                        "auto_us", "cusparse_us",
                         "floor_us", "vs_dense", "auto_vs_dense", "vs_cusparse", "eff", "rel_err"])
     try:
         paths = report.save(plot=plot)

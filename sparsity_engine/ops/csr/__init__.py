@@ -129,7 +129,7 @@ _PLANS: Dict[tuple, object] = {}
 def _impl_for(backend, x2, csr, bias):
     """The registered implementation for these inputs; cached by what its choice depends on."""
     key = (resolve_backend(backend), x2.device, x2.dtype, csr.col_indices.dtype, x2.shape[0] <= 16,
-           bias is not None, os.environ.get("TRITON_INTERPRET", ""))
+           csr.shape[1] % 8 == 0, bias is not None, os.environ.get("TRITON_INTERPRET", ""))
     impl = _PLANS.get(key)
     if impl is None:
         impl = choose("csr_linear", backend, x2, csr, bias)

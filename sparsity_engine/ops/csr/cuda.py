@@ -1,4 +1,11 @@
-"""CUDA backend of csr_linear: thin wrapper over csrc/csr.cu (warp-per-row SpMV / SpMM for 1..16 tokens)."""
+"""CUDA backend of csr_linear: two kernels, picked by the number of tokens.
+
+* rows  (csrc/csr.cu): one warp per row over the CSR arrays, fp32 FMAs; 1..16 tokens, any dtype. The decode
+  kernel: at 1 token it reads the CSR bytes at 65-90% of the copy rate.
+* tiles (csrc/csr_tiles.cu): fp16/bf16 with in_features a multiple of 8, any number of tokens; the weight in
+  16x128 tiles (ops/csr/tiles.py) expanded to dense in shared memory for the tensor cores. Its cost per tile
+  does not grow with the tokens, so it takes over from ``TILES_MIN_TOKENS`` tokens on.
+"""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -8,8 +15,11 @@ import torch
 from ..._dispatch import register
 from ..._ext import dtype_code, load_extension, stream_ptr
 from .format import CSRMatrix
+from .tiles import tile_layout
 
-MAX_TOKENS = 16
+MAX_TOKENS = 16  # of the rows kernel
+#: From this many tokens on, the tensor-core tiles kernel runs (where it can); measured on the H200.
+TILES_MIN_TOKENS = 4
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -19,16 +29,31 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def tiles_apply(x2: torch.Tensor, csr: CSRMatrix) -> bool:
+    """Whether the tiles kernel can take these inputs: fp16/bf16 and in_features a multiple of 8."""
+    return x2.dtype in (torch.float16, torch.bfloat16) and csr.shape[1] % 8 == 0
+
+
 def _supports(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> List[str]:
     reasons = []
-    if x2.shape[0] > MAX_TOKENS:
-        reasons.append(f"the CUDA CSR kernel is the decode kernel (1..{MAX_TOKENS} tokens); "
-                       f"x has {x2.shape[0]} tokens (the Triton SpMM serves larger batches)")
+    if x2.shape[0] > MAX_TOKENS and not tiles_apply(x2, csr):
+        reasons.append(f"the CUDA CSR kernels take more than {MAX_TOKENS} tokens only for float16/bfloat16 "
+                       f"with in_features a multiple of 8; x has {x2.shape[0]} tokens, dtype {x2.dtype}, "
+                       f"in_features {csr.shape[1]} (the Triton SpMM serves this)")
     return reasons
 
 
 @register("csr_linear", "cuda", supports=_supports)
 def csr_linear(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if tiles_apply(x2, csr) and (x2.shape[0] >= TILES_MIN_TOKENS or x2.shape[0] > MAX_TOKENS):
+        return csr_linear_tiles(x2, csr, bias)
+    return csr_linear_rows(x2, csr, bias)
+
+
+def csr_linear_rows(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The warp-per-row kernel (1..16 tokens, any dtype); x2 [tokens, K] contiguous, in the weight's dtype."""
+    if x2.shape[0] > MAX_TOKENS:
+        raise ValueError(f"the rows kernel takes 1..{MAX_TOKENS} tokens, got {x2.shape[0]}")
     ext = load_extension()
     tokens, k = x2.shape
     n = csr.shape[0]
@@ -40,6 +65,41 @@ def csr_linear(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -
                  0 if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
                  n, k, tokens, code, dtype_code(csr.col_indices.dtype), group, stream_ptr(x2))
     return y
+
+
+def csr_linear_tiles(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The tensor-core tiles kernel (fp16/bf16, K % 8 == 0, any number of tokens).
+
+    The first call builds the tile layout (a second copy of the weight, 4 bytes per nonzero) and keeps it
+    on ``csr``.
+    """
+    if not tiles_apply(x2, csr):
+        raise ValueError(f"the tiles kernel needs float16/bfloat16 and in_features a multiple of 8, got "
+                         f"{x2.dtype} and in_features {csr.shape[1]}")
+    ext = load_extension()
+    tokens, k = x2.shape
+    n = csr.shape[0]
+    ptr, entries = tile_layout(csr)
+    splits = _tiles_splits(ext, n, k, tokens)
+    y = torch.empty(tokens, n, dtype=x2.dtype, device=x2.device)
+    part = torch.empty(splits * tokens * n if splits > 1 else 0, dtype=torch.float32, device=x2.device)
+    x2 = _aligned(x2)
+    ext.csr_tiles_spmm(entries.data_ptr(), ptr.data_ptr(), x2.data_ptr(),
+                       0 if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+                       part.data_ptr() if splits > 1 else 0, n, k, tokens, dtype_code(x2.dtype), splits,
+                       stream_ptr(x2))
+    return y
+
+
+_SPLITS = {}
+
+
+def _tiles_splits(ext, n: int, k: int, tokens: int) -> int:
+    key = (n, k, tokens, torch.cuda.current_device())
+    splits = _SPLITS.get(key)
+    if splits is None:
+        splits = _SPLITS[key] = int(ext.csr_tiles_splits(n, k, tokens))
+    return splits
 
 
 def _schedule(csr: CSRMatrix) -> torch.Tensor:
