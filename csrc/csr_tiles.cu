@@ -10,17 +10,20 @@
 // 16 x 128 tile in shared memory, scatters the entries into it and runs 8 k-steps of mma.m16n8k16 (fp32
 // accumulators) against the activations. The tensor cores do the dense tile's FLOPs, which at decode sizes
 // cost far less than the bytes; what is paid per tile is the zeroing, the scatter and the ldmatrix reads.
+// The next tile's entries are requested before the current tile's MMAs, so one load is in flight per warp
+// while it computes, with 24 warps per SM.
 //
-// Latency is what limits such a kernel (a first version that requested one tile ahead ran at 20-30% of the
-// bytes floor, the same time at 80% and 90% sparsity): a band's entries over the block's K range are one
-// contiguous stream, so each warp streams it through a ring of kRing chunks of 512 entries in shared memory
-// with cp.async, kRing - 1 chunks ahead of the tile it scatters, independent of tile boundaries.
+// What bounds it (ncu, H200, 2026-12-02): shared memory. Per tile the zeroing, the A and B ldmatrix reads and
+// the scatter cost ~140 shared-memory wavefronts whatever the sparsity (L1/shared throughput 65-77%); the
+// time is nearly flat from 90% to 70% sparsity. A variant that streamed each band's entries through a
+// cp.async ring in shared memory (more bytes in flight, 2 blocks per SM) was 20-40% slower: more shared
+// traffic, fewer warps.
 //
-// A block is 8 warps = 8 consecutive bands over one range of K; the tokens' activations are staged in shared
-// memory one slice of K (256 or 128 columns) at a time, double buffered through registers (the next slice
-// is loaded while the current one is used). When the K range is split over several blocks (grid.y > 1,
-// chosen so the launch fills the GPU), each writes fp32 partial sums and a second kernel adds them in split
-// order (deterministic), adds the bias and converts to T.
+// A block is 8 warps = 8 consecutive bands over one range of K; its tokens' activations are staged in
+// shared memory one slice of K (512/256/128 columns for 8-16/32/64 tokens) at a time with cp.async, double
+// buffered. When the K range is split over several blocks (grid.y > 1, chosen so the launch fills the GPU),
+// each writes fp32 partial sums and a second kernel adds them in split order (deterministic), adds the bias
+// and converts to T.
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,23 +37,20 @@ constexpr int kTileK = 128;           // columns per tile
 constexpr int kTileStride = kTileK + 8;  // shared row stride (elements): 272 bytes, ldmatrix conflict-free
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kChunkWords = 512;      // entries per ring chunk: 16 bytes x 4 per lane
+constexpr int kChunk = 4;             // 16-byte loads per lane per request: up to 512 entries
 constexpr int kTileWords = kTileK * kBand;  // locations per tile (11 bits)
 
-// Tokens per pass = 8 * NT (NT MMA n-tiles). Sized so that two blocks fit per SM (~100 KB each).
+// Tokens per pass = 8 * NT (NT MMA n-tiles); tiles per staged slice of x, so that the double-buffered
+// slice stays ~33 KB and three blocks fit per SM.
 template <int NT>
 struct Cfg {
   static constexpr int kTok = 8 * NT;
-  static constexpr int kSliceTiles = NT <= 2 ? 2 : 1;
+  static constexpr int kSliceTiles = NT <= 2 ? 4 : (NT == 4 ? 2 : 1);
   static constexpr int kSliceK = kSliceTiles * kTileK;
   static constexpr int kXStride = kSliceK + 8;  // elements; 16 bytes off a multiple of 128: conflict-free
-  static constexpr int kXVec = kTok * kSliceK / 8 / kThreads;  // 16-byte pieces of a slice per thread
-  static constexpr int kRing = NT >= 8 ? 2 : 3;
   static constexpr size_t kSmemX = 2ull * kTok * kXStride * 2;
   static constexpr size_t kSmemW = static_cast<size_t>(kWarps) * kBand * kTileStride * 2;
-  static constexpr size_t kSmemRing = static_cast<size_t>(kWarps) * kRing * kChunkWords * 4;
-  static constexpr size_t kSmem = kSmemX + kSmemW + kSmemRing;
-  static_assert(kXVec * 8 * kThreads == kTok * kSliceK, "a slice splits evenly over the threads");
+  static constexpr size_t kSmem = kSmemX + kSmemW;
 };
 
 template <typename T> struct Mma;
@@ -90,29 +90,38 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const vo
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
 }
 
-// x[tok0 .. tok0 + kTok, col0 .. col0 + kSliceK) into registers (16-byte pieces); rows past `tokens` and
-// columns past K are zero (K is a multiple of 8, so a piece is wholly inside or outside).
+// 16 bytes global -> shared, zero-filled when !valid (no bytes read then).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// x[tok0 .. tok0 + kTok, col0 .. col0 + kSliceK) -> xs [kTok][kXStride]; rows past `tokens` and columns past K
+// are zero (K is a multiple of 8, so a 16-byte chunk is wholly inside or outside).
 template <typename T, int NT>
-__device__ __forceinline__ void load_slice(uint4 (&xr)[Cfg<NT>::kXVec], const T* __restrict__ x, int64_t K,
-                                           int64_t tokens, int64_t tok0, int64_t col0) {
-  constexpr int kRowPieces = Cfg<NT>::kSliceK / 8;
-#pragma unroll
-  for (int v = 0; v < Cfg<NT>::kXVec; ++v) {
-    const int i = threadIdx.x + v * kThreads;
-    const int row = i / kRowPieces;
-    const int64_t col = col0 + (i % kRowPieces) * 8;
-    xr[v] = make_uint4(0, 0, 0, 0);
-    if (tok0 + row < tokens && col < K) xr[v] = __ldg(reinterpret_cast<const uint4*>(x + (tok0 + row) * K + col));
+__device__ __forceinline__ void stage_slice(T* xs, const T* __restrict__ x, int64_t K, int64_t tokens,
+                                            int64_t tok0, int64_t col0) {
+  using C = Cfg<NT>;
+  constexpr int kRowChunks = C::kSliceK / 8;
+  for (int i = threadIdx.x; i < C::kTok * kRowChunks; i += kThreads) {
+    const int row = i / kRowChunks, chunk = i % kRowChunks;
+    const int64_t col = col0 + chunk * 8;
+    const bool valid = tok0 + row < tokens && col < K;
+    const T* src = valid ? x + (tok0 + row) * K + col : x;
+    cp_async16(xs + row * C::kXStride + chunk * 8, src, valid);
   }
 }
 
-template <int NT>
-__device__ __forceinline__ void store_slice(uint16_t* xs, const uint4 (&xr)[Cfg<NT>::kXVec]) {
-  constexpr int kRowPieces = Cfg<NT>::kSliceK / 8;
+// Entries [q, end) of one tile, up to 32 x kChunk x 4 of them: lane l takes the 16-byte groups l, l+32, ...
+__device__ __forceinline__ void load_entries(uint4 (&buf)[kChunk], const uint4* __restrict__ ent4, int64_t q,
+                                             int64_t end, int lane) {
 #pragma unroll
-  for (int v = 0; v < Cfg<NT>::kXVec; ++v) {
-    const int i = threadIdx.x + v * kThreads;
-    *reinterpret_cast<uint4*>(xs + (i / kRowPieces) * Cfg<NT>::kXStride + (i % kRowPieces) * 8) = xr[v];
+  for (int j = 0; j < kChunk; ++j) {
+    const int64_t idx = q + static_cast<int64_t>(j * 32 + lane) * 4;
+    if (idx < end) buf[j] = __ldg(ent4 + (idx >> 2));
   }
 }
 
@@ -121,75 +130,19 @@ __device__ __forceinline__ void scatter_word(uint16_t* wt, uint32_t w) {
   wt[(loc / kTileK) * kTileStride + (loc % kTileK)] = static_cast<uint16_t>(w >> 16);
 }
 
-// One warp's entry stream [e0, e1) through a ring of R chunks of kChunkWords entries in shared memory.
-// Chunk c (stream entries e0 + c * kChunkWords ...) lives in slot c % R; it is requested R - 1 chunks ahead
-// of the one being read (one cp.async group per chunk and lane, so wait_group counts chunks).
-template <int R>
-struct EntryRing {
-  uint32_t* ring;  // this warp's R * kChunkWords words
-  const uint32_t* __restrict__ ent;
-  int64_t e0, e1;
-  int nchunks, issued, ready;
-
-  __device__ __forceinline__ void init(uint32_t* r, const uint32_t* e, int64_t begin, int64_t end, int lane) {
-    ring = r;
-    ent = e;
-    e0 = begin;
-    e1 = end;
-    nchunks = static_cast<int>((end - begin + kChunkWords - 1) / kChunkWords);
-    issued = ready = 0;
-    while (issued < R && issued < nchunks) issue(lane);
-  }
-  __device__ __forceinline__ void issue(int lane) {
-    const int64_t base = e0 + static_cast<int64_t>(issued) * kChunkWords;
-    uint32_t* slot = ring + (issued % R) * kChunkWords;
+__device__ __forceinline__ void scatter_entries(uint16_t* wt, const uint4 (&buf)[kChunk], int64_t q, int64_t end,
+                                                int lane) {
 #pragma unroll
-    for (int j = 0; j < kChunkWords / 128; ++j) {
-      const int off = (j * 32 + lane) * 4;
-      if (base + off < e1) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(slot + off)), "l"(ent + base + off));
-      }
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-    ++issued;
-  }
-  // Chunk c has landed for every lane of the warp.
-  __device__ __forceinline__ void wait_for(int c) {
-    if (ready > c) return;
-    const int pending = issued - c - 1;  // groups allowed to stay in flight
-    if (pending >= 2) asm volatile("cp.async.wait_group 2;\n" ::);
-    else if (pending == 1) asm volatile("cp.async.wait_group 1;\n" ::);
-    else asm volatile("cp.async.wait_group 0;\n" ::);
-    ready = c + 1;
-    __syncwarp();
-  }
-  // Scatter stream entries [p, p1) (one tile) into wt; frees and refills every chunk it finishes.
-  __device__ __forceinline__ void scatter(uint16_t* wt, int64_t p, int64_t p1, int lane) {
-    while (p < p1) {
-      const int c = static_cast<int>((p - e0) / kChunkWords);
-      wait_for(c);
-      const int64_t cbase = e0 + static_cast<int64_t>(c) * kChunkWords;
-      const int64_t cend = p1 < cbase + kChunkWords ? p1 : cbase + kChunkWords;
-      const uint32_t* slot = ring + (c % R) * kChunkWords;
-#pragma unroll
-      for (int j = 0; j < kChunkWords / 128; ++j) {
-        const int64_t q = p + (j * 32 + lane) * 4;
-        if (q < cend) {
-          const uint4 w = *reinterpret_cast<const uint4*>(slot + (q - cbase));
-          scatter_word(wt, w.x);
-          scatter_word(wt, w.y);
-          scatter_word(wt, w.z);
-          scatter_word(wt, w.w);
-        }
-      }
-      p = cend;
-      if (p == cbase + kChunkWords && c + R < nchunks) {
-        __syncwarp();  // every lane is done reading the slot before it is refilled
-        issue(lane);
-      }
+  for (int j = 0; j < kChunk; ++j) {
+    const int64_t idx = q + static_cast<int64_t>(j * 32 + lane) * 4;
+    if (idx < end) {
+      scatter_word(wt, buf[j].x);
+      scatter_word(wt, buf[j].y);
+      scatter_word(wt, buf[j].z);
+      scatter_word(wt, buf[j].w);
     }
   }
-};
+}
 
 __device__ __forceinline__ void zero_tile(uint16_t* wt, int lane) {
   constexpr int kVecPerRow = kTileK / 8;
@@ -244,16 +197,15 @@ struct PtrWindow {
 };
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2)
-csr_tiles_kernel(const uint32_t* __restrict__ ent, const int64_t* __restrict__ ptr, const T* __restrict__ x,
+__global__ void __launch_bounds__(kThreads, NT >= 8 ? 2 : 3)  // 3 x 8 warps per SM; NT = 8 would spill at 80 registers
+csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr, const T* __restrict__ x,
                  const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ part, int64_t N, int64_t K,
                  int64_t tokens, int64_t nbands, int64_t nt, int64_t tiles_per_block) {
   using C = Cfg<NT>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* xs = reinterpret_cast<uint16_t*>(smem_raw);
+  T* xs = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint16_t* wt = reinterpret_cast<uint16_t*>(smem_raw + C::kSmemX) + warp * kBand * kTileStride;
-  uint32_t* ring = reinterpret_cast<uint32_t*>(smem_raw + C::kSmemX + C::kSmemW) + warp * C::kRing * kChunkWords;
 
   const int64_t band = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   const bool active = band < nbands;
@@ -264,19 +216,16 @@ csr_tiles_kernel(const uint32_t* __restrict__ ent, const int64_t* __restrict__ p
 
   PtrWindow win{ptr};
   win.last = nbands * nt;
-  EntryRing<C::kRing> stream;
-  int64_t p0 = 0;
+  uint4 buf[kChunk];
+  int64_t p0 = 0, p1 = 0;
   if (active) {
     win.load(band * nt + tb, lane);
     p0 = win.at(band * nt + tb, lane);
-    const int64_t pe = __ldg(ptr + band * nt + te);
-    stream.init(ring, ent, p0, pe, lane);
+    p1 = win.at(band * nt + tb + 1, lane);
+    load_entries(buf, ent4, p0, p1 < p0 + 32 * kChunk * 4 ? p1 : p0 + 32 * kChunk * 4, lane);
   }
-  uint4 xr[C::kXVec];
-  load_slice<T, NT>(xr, x, K, tokens, tok0, tb * kTileK);
-  store_slice<NT>(xs, xr);
-  if (nslices > 1) load_slice<T, NT>(xr, x, K, tokens, tok0, (tb + C::kSliceTiles) * kTileK);
-  __syncthreads();
+  stage_slice<T, NT>(xs, x, K, tokens, tok0, tb * kTileK);
+  cp_async_commit();
 
   float acc[NT][4];
 #pragma unroll
@@ -285,29 +234,46 @@ csr_tiles_kernel(const uint32_t* __restrict__ ent, const int64_t* __restrict__ p
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
   for (int s = 0; s < nslices; ++s) {
-    const T* xcur = reinterpret_cast<const T*>(xs + (s & 1) * C::kTok * C::kXStride);
+    T* xcur = xs + (s & 1) * C::kTok * C::kXStride;
+    if (s + 1 < nslices) {
+      stage_slice<T, NT>(xs + ((s + 1) & 1) * C::kTok * C::kXStride, x, K, tokens, tok0,
+                         (tb + static_cast<int64_t>(s + 1) * C::kSliceTiles) * kTileK);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
     if (active) {
       for (int sp = 0; sp < C::kSliceTiles; ++sp) {
         const int64_t t = tb + static_cast<int64_t>(s) * C::kSliceTiles + sp;
         if (t >= te) break;
-        const int64_t p1 = win.at(band * nt + t + 1, lane);
-        if (p1 > p0) {
+        const int64_t q0 = p0, q1 = p1;
+        if (q1 > q0) {
           __syncwarp();  // the previous tile's ldmatrix reads are done before it is overwritten
           zero_tile(wt, lane);
           __syncwarp();
-          stream.scatter(wt, p0, p1, lane);
+          int64_t q = q0;
+          const int64_t first_end = q1 < q0 + 32 * kChunk * 4 ? q1 : q0 + 32 * kChunk * 4;
+          scatter_entries(wt, buf, q, first_end, lane);
+          for (q = first_end; q < q1; q += 32 * kChunk * 4) {  // tiles denser than one request (> 50%)
+            const int64_t e = q1 < q + 32 * kChunk * 4 ? q1 : q + 32 * kChunk * 4;
+            load_entries(buf, ent4, q, e, lane);
+            scatter_entries(wt, buf, q, e, lane);
+          }
+        }
+        if (t + 1 < te) {  // request the next tile before computing this one
+          p0 = q1;
+          p1 = win.at(band * nt + t + 2, lane);
+          load_entries(buf, ent4, p0, p1 < p0 + 32 * kChunk * 4 ? p1 : p0 + 32 * kChunk * 4, lane);
+        }
+        if (q1 > q0) {
           __syncwarp();
           mma_tile<T, NT>(acc, wt, xcur, sp * kTileK, lane);
         }
-        p0 = p1;
       }
     }
-    if (s + 1 < nslices) {
-      store_slice<NT>(xs + ((s + 1) & 1) * C::kTok * C::kXStride, xr);  // its buffer was freed by the last barrier
-      if (s + 2 < nslices)
-        load_slice<T, NT>(xr, x, K, tokens, tok0, (tb + static_cast<int64_t>(s + 2) * C::kSliceTiles) * kTileK);
-    }
-    __syncthreads();
+    __syncthreads();  // every warp is done with xcur before the slice after next is staged into it
   }
 
   if (!active) return;
@@ -381,7 +347,7 @@ int sm_count() {
 }
 
 template <typename T, int NT>
-void launch(const uint32_t* ent4, const int64_t* ptr, const T* x, const T* bias, T* y, float* part, int64_t N,
+void launch(const uint4* ent4, const int64_t* ptr, const T* x, const T* bias, T* y, float* part, int64_t N,
             int64_t K, int64_t tokens, int64_t splits, cudaStream_t stream) {
   using C = Cfg<NT>;
   auto kernel = csr_tiles_kernel<T, NT>;
@@ -409,7 +375,7 @@ void launch(const uint32_t* ent4, const int64_t* ptr, const T* x, const T* bias,
 }
 
 template <typename T>
-void launch_nt(int nt, const uint32_t* ent4, const int64_t* ptr, const T* x, const T* bias, T* y, float* part,
+void launch_nt(int nt, const uint4* ent4, const int64_t* ptr, const T* x, const T* bias, T* y, float* part,
                int64_t N, int64_t K, int64_t tokens, int64_t splits, cudaStream_t stream) {
   switch (nt) {
     case 1: launch<T, 1>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
@@ -447,7 +413,7 @@ void csr_tiles_spmm(uintptr_t ent, uintptr_t ptr, uintptr_t x, uintptr_t bias, u
   SE_REQUIRE(ent % 16 == 0 && x % 16 == 0, "ent and x must be 16-byte aligned");
   SE_REQUIRE(splits >= 1 && (splits == 1 || part != 0), "splits > 1 needs the partial-sum buffer");
   const int ntiles = nt_for_tokens(tokens);
-  auto e4 = reinterpret_cast<const uint32_t*>(ent);
+  auto e4 = reinterpret_cast<const uint4*>(ent);
   auto p = reinterpret_cast<const int64_t*>(ptr);
   auto ws = reinterpret_cast<float*>(part);
   auto s = reinterpret_cast<cudaStream_t>(stream);

@@ -253,12 +253,13 @@ def test_tiles_kernel_declines_and_cuda_backend_picks_it():
         csr_cuda.csr_linear_tiles(torch.randn(4, 96, device="cuda"), se.to_csr(pruned(64, 96, 0.3, device="cuda")),
                                   None)
     w = pruned(300, 512, 0.2, torch.float16, "cuda")
-    csr = se.to_csr(w)
-    for tokens in (1, csr_cuda.TILES_MIN_TOKENS, 16, 300):
+    for tokens in (1, 4, 8, 16, 300):  # tokens x density: 0.2 .. 3.2, then above 16 tokens
+        csr = se.to_csr(w)
         x = torch.randn(tokens, 512, device="cuda", dtype=torch.float16)
         got = se.csr_linear(x, csr, backend="cuda")
         assert_rel_close(got, F.linear(x.double(), w.double()), KTOL[torch.float16], f"cuda {tokens}")
-        assert ("_tile_layout" in csr.__dict__) == (tokens >= csr_cuda.TILES_MIN_TOKENS)
+        tiles = tokens > 16 or tokens * csr.density >= csr_cuda.TILES_MIN_WORK
+        assert ("_tile_layout" in csr.__dict__) == tiles, tokens  # the layout is built by the tiles kernel
 
 
 # ---------------------------------------------------------------- dispatch rule

@@ -4,7 +4,8 @@
   kernel: at 1 token it reads the CSR bytes at 65-90% of the copy rate.
 * tiles (csrc/csr_tiles.cu): fp16/bf16 with in_features a multiple of 8, any number of tokens; the weight in
   16x128 tiles (ops/csr/tiles.py) expanded to dense in shared memory for the tensor cores. Its cost per tile
-  does not grow with the tokens, so it takes over from ``TILES_MIN_TOKENS`` tokens on.
+  does not grow with the tokens, while the rows kernel's grows with tokens x nonzeros: the tiles kernel
+  runs where ``tokens * density >= TILES_MIN_WORK`` (and always above 16 tokens).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from .format import CSRMatrix
 from .tiles import tile_layout
 
 MAX_TOKENS = 16  # of the rows kernel
-#: From this many tokens on, the tensor-core tiles kernel runs (where it can); measured on the H200.
-TILES_MIN_TOKENS = 4
+#: tokens x density from which the tensor-core tiles kernel runs instead of the rows kernel (H200 crossover).
+TILES_MIN_WORK = 1.6
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def _supports(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) ->
 
 @register("csr_linear", "cuda", supports=_supports)
 def csr_linear(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if tiles_apply(x2, csr) and (x2.shape[0] >= TILES_MIN_TOKENS or x2.shape[0] > MAX_TOKENS):
+    if tiles_apply(x2, csr) and (x2.shape[0] > MAX_TOKENS or x2.shape[0] * csr.density >= TILES_MIN_WORK):
         return csr_linear_tiles(x2, csr, bias)
     return csr_linear_rows(x2, csr, bias)
 
