@@ -48,7 +48,7 @@ from sparsity_engine.ops.csr import prefer_dense  # noqa: E402
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]
 QUICK_SHAPES = [(64, 96), (40, 200)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9]
-BATCHES = [1, 4, 8, 16, 64, 256]
+BATCHES = [1, 2, 4, 8, 16, 64, 128, 256]
 QUICK_BATCHES = [1, 4, 16, 64]
 
 

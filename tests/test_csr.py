@@ -163,7 +163,7 @@ def test_cuda_rejects_large_batch_and_auto_dispatch_is_right():
     csr = se.to_csr(w)
     with pytest.raises(se.BackendUnavailableError, match="more than 16 tokens"):
         se.csr_linear(torch.randn(64, 500, device="cuda", dtype=torch.bfloat16), csr, backend="cuda")
-    for tokens in (1, 8, 16, 64, 300):
+    for tokens in (1, 8, 16, 64, 129, 300):
         for fallback in (None, True, False):
             x = torch.randn(tokens, 500, device="cuda", dtype=torch.bfloat16)
             got = se.csr_linear(x, csr, dense_fallback=fallback)
@@ -220,6 +220,14 @@ def test_tile_layout_rejects_fp32():
         tile_layout(se.to_csr(pruned(4, 8, 0.5)))
 
 
+def test_use_tiles_crossover():
+    from sparsity_engine.ops.csr.cuda import use_tiles
+    small, big = (11008, 4096), (28672, 8192)
+    assert not use_tiles(2, small, 1.0) and use_tiles(16, big, 0.01) and use_tiles(300, small, 0.01)
+    assert use_tiles(8, small, 0.1) and not use_tiles(4, small, 0.1) and use_tiles(4, small, 0.5)
+    assert not use_tiles(8, big, 0.3) and use_tiles(8, big, 0.5)
+
+
 TILES_GPU_SHAPES = [(4096, 4096, 0.2), (1000, 3000, 0.1), (2048, 11008, 0.3), (257, 40000, 0.05),
                     (4096, 8, 0.5), (1, 4096, 0.5), (33, 136, 1.0), (16384, 256, 0.3), (64, 1024, 0.0)]
 
@@ -258,7 +266,7 @@ def test_tiles_kernel_declines_and_cuda_backend_picks_it():
         x = torch.randn(tokens, 512, device="cuda", dtype=torch.float16)
         got = se.csr_linear(x, csr, backend="cuda")
         assert_rel_close(got, F.linear(x.double(), w.double()), KTOL[torch.float16], f"cuda {tokens}")
-        tiles = tokens > 16 or tokens * csr.density >= csr_cuda.TILES_MIN_WORK
+        tiles = csr_cuda.use_tiles(tokens, csr.shape, csr.density)
         assert ("_tile_layout" in csr.__dict__) == tiles, tokens  # the layout is built by the tiles kernel
 
 
@@ -268,8 +276,11 @@ def test_prefer_dense_rule_and_overrides(monkeypatch):
     monkeypatch.delenv("SPARSITY_ENGINE_CSR_DENSE", raising=False)
     assert not prefer_dense(1, 0.1) and prefer_dense(1, 0.9)
     assert prefer_dense(256, 0.1) and prefer_dense(1000, 0.01)
-    # without a dense copy at hand, rebuilding it costs more than the decode kernel loses
-    assert not prefer_dense(16, 0.9, dense_at_hand=False) and prefer_dense(17, 0.01, dense_at_hand=False)
+    # without a dense copy at hand, rebuilding it costs more than the sparse kernels lose: up to 128 tokens
+    # with the tensor-core tiles kernel, up to 16 without it
+    assert not prefer_dense(128, 0.9, dense_at_hand=False) and prefer_dense(129, 0.01, dense_at_hand=False)
+    assert not prefer_dense(16, 0.9, dense_at_hand=False, tiles_kernel=False)
+    assert prefer_dense(17, 0.01, dense_at_hand=False, tiles_kernel=False)
     assert not prefer_dense(256, 0.9, dense_fallback=False) and prefer_dense(1, 0.1, dense_fallback=True)
     monkeypatch.setenv("SPARSITY_ENGINE_CSR_DENSE", "never")
     assert not prefer_dense(4096, 1.0)

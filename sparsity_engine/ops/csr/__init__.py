@@ -22,33 +22,39 @@ from . import reference  # noqa: F401  (registers the oracle)
 import_backend(__name__, "triton")
 import_backend(__name__, "cuda")
 
-__all__ = ["CSRMatrix", "to_csr", "csr_linear", "prefer_dense", "DISPATCH_RULE", "DENSE_ENV_VAR", "ALIGN", "densify"]
+__all__ = ["CSRMatrix", "to_csr", "csr_linear", "prefer_dense", "DISPATCH_RULE", "REBUILD_MAX_TOKENS", "DENSE_ENV_VAR",
+           "ALIGN", "densify"]
 
-#: When is dense cuBLAS faster than our sparse kernels? Measured on one H100 (benchmarks/bench_csr.py,
-#: 2026-11-25, bf16/fp16, 4096x4096 .. 28672x8192, times with L2 flushed), the sparse CUDA kernel beats
-#: F.linear with the dense weight (ratio dense/ours):
+#: When is dense cuBLAS faster than our sparse kernels? Measured on one H200 (benchmarks/bench_csr.py,
+#: 2026-12-02, bf16/fp16, 4096x4096 .. 28672x8192, L2 flushed), dense F.linear time / the CUDA backend's
+#: time (rows kernel or tensor-core tiles kernel, as it picks them):
 #:
 #:   tokens | 50% sparse  | 70%        | 80%        | 90%
-#:   1      | 0.92-1.02   | 1.33-1.58  | 1.62-2.19  | 2.13-3.90
-#:   4      | 0.78-0.93   | 1.04-1.47  | 1.22-1.99  | 1.51-3.26
-#:   8      | 0.57-0.81   | 0.70-1.24  | 0.83-1.62  | 1.04-2.46
-#:   16     | 0.31-0.43   | 0.44-0.66  | 0.55-0.88  | 0.72-1.37
-#:   64+    | the Triton SpMM is 20x-300x slower than dense: dense always
+#:   1      | 0.81-1.01   | 1.11-1.42  | 1.32-1.89  | 1.90-3.06
+#:   2      | 0.76-0.91   | 1.04-1.42  | 1.25-1.86  | 1.56-2.96
+#:   4      | 0.67-0.82   | 0.84-1.27  | 1.07-1.65  | 1.32-2.52
+#:   8      | 0.61-0.80   | 0.81-0.92  | 1.00-1.18  | 0.99-1.78
+#:   16     | 0.57-0.76   | 0.73-0.87  | 0.86-0.99  | 1.00-1.13
+#:   64     | 0.37-0.52   | 0.43-0.57  | 0.49-0.63  | 0.53-0.66
+#:   256    | 0.15-0.20   | 0.17-0.26  | 0.20-0.31  | 0.22-0.32
 #:
-#: so the sparse path is taken at most at the density (nnz / (N*K)) below for that many tokens T:
+#: so with a dense weight at hand the sparse path is taken at most at the density (nnz / (N*K)) below:
 DISPATCH_RULE: Tuple[Tuple[int, float], ...] = (
     # (max tokens, max density for the sparse path); more tokens than the last entry: always dense
     (1, 0.40),
-    (4, 0.32),
-    (8, 0.15),
-    (16, 0.06),
+    (2, 0.32),
+    (4, 0.22),
+    (8, 0.20),
+    (16, 0.10),
 )
 #: The rule compares against a dense weight that is AT HAND (``csr.dense_cache``, e.g. from
 #: ``CSRLinear(cache_dense=True)``). Without one, the fallback must first rebuild the dense weight, which
-#: and multiply costs 4x-6x a dense matmul (4096x4096: 78 us vs 19 us), so up to 16 tokens the sparse CUDA
-#: kernel is kept (at worst 3.2x dense's time, at 50% sparsity and 16 tokens), and from 17 tokens on the
-#: rebuild + F.linear runs (the Triton SpMM is far slower). Override per call with ``dense_fallback=`` or
-#: globally with the environment variable SPARSITY_ENGINE_CSR_DENSE = 'auto' | 'never' | 'always'.
+#: costs 3x-5x a dense matmul, so the sparse kernels are kept up to ``REBUILD_MAX_TOKENS`` tokens when the
+#: tensor-core tiles kernel serves them (fp16/bf16, in_features % 8 == 0; at 64 tokens it takes 0.4x-0.5x the
+#: time of rebuild + F.linear, at 256 tokens 1.1x-1.5x), else up to 16 (the Triton SpMM above that is far
+#: slower than rebuild + F.linear). Override per call with ``dense_fallback=`` or globally with the
+#: environment variable SPARSITY_ENGINE_CSR_DENSE = 'auto' | 'never' | 'always'.
+REBUILD_MAX_TOKENS = 128
 DENSE_ENV_VAR = "SPARSITY_ENGINE_CSR_DENSE"
 
 
@@ -85,10 +91,11 @@ def densify(csr: CSRMatrix) -> torch.Tensor:
 
 
 def prefer_dense(tokens: int, density: float, dense_fallback: Optional[bool] = None, *,
-                 dense_at_hand: bool = True) -> bool:
+                 dense_at_hand: bool = True, tiles_kernel: bool = True) -> bool:
     """Whether ``csr_linear`` (backend=None, CUDA) runs dense F.linear instead of a sparse kernel.
 
     ``dense_at_hand``: a dense copy of the weight exists (else it must be rebuilt first; see DISPATCH_RULE).
+    ``tiles_kernel``: the tensor-core tiles kernel can take these inputs (it serves more than 16 tokens).
     """
     if dense_fallback is not None:
         return bool(dense_fallback)
@@ -100,7 +107,7 @@ def prefer_dense(tokens: int, density: float, dense_fallback: Optional[bool] = N
     if mode not in ("", "auto"):
         raise ValueError(f"{DENSE_ENV_VAR} must be 'auto', 'never' or 'always', got {mode!r}")
     if not dense_at_hand:
-        return tokens > DISPATCH_RULE[-1][0]
+        return tokens > (REBUILD_MAX_TOKENS if tiles_kernel else DISPATCH_RULE[-1][0])
     for max_tokens, max_density in DISPATCH_RULE:
         if tokens <= max_tokens:
             return density > max_density
@@ -158,11 +165,11 @@ def csr_linear(x: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor] = N
         if bias is not None:
             out += bias
         return out.reshape(*lead, n)
-    named = resolve_backend(backend)
-    dense = getattr(csr, "dense_cache", None)
-    if named is None and x.is_cuda and prefer_dense(tokens, csr.density, dense_fallback,
-                                                    dense_at_hand=dense is not None):
-        out = F.linear(x2, dense if dense is not None else densify(csr), bias)
-    else:
-        out = _impl_for(backend, x2, csr, bias).fn(x2, csr, bias)
+    impl = _impl_for(backend, x2, csr, bias)
+    if resolve_backend(backend) is None and x.is_cuda:
+        dense = getattr(csr, "dense_cache", None)
+        tiles = impl.backend == "cuda" and x2.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0
+        if prefer_dense(tokens, csr.density, dense_fallback, dense_at_hand=dense is not None, tiles_kernel=tiles):
+            return F.linear(x2, dense if dense is not None else densify(csr), bias).reshape(*lead, n)
+    out = impl.fn(x2, csr, bias)
     return out.reshape(*lead, n)

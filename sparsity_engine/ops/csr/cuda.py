@@ -4,8 +4,8 @@
   kernel: at 1 token it reads the CSR bytes at 65-90% of the copy rate.
 * tiles (csrc/csr_tiles.cu): fp16/bf16 with in_features a multiple of 8, any number of tokens; the weight in
   16x128 tiles (ops/csr/tiles.py) expanded to dense in shared memory for the tensor cores. Its cost per tile
-  does not grow with the tokens, while the rows kernel's grows with tokens x nonzeros: the tiles kernel
-  runs where ``tokens * density >= TILES_MIN_WORK`` (and always above 16 tokens).
+  does not grow with the tokens, while the rows kernel's grows with tokens x nonzeros; which one runs is
+  :func:`use_tiles` (measured crossover).
 """
 from __future__ import annotations
 
@@ -19,8 +19,13 @@ from .format import CSRMatrix
 from .tiles import tile_layout
 
 MAX_TOKENS = 16  # of the rows kernel
-#: tokens x density from which the tensor-core tiles kernel runs instead of the rows kernel (H200 crossover).
-TILES_MIN_WORK = 1.6
+#: Where the tiles kernel beats the rows kernel (H200, 2026-12-02, bench_csr.py: rows_us vs tiles_us): never
+#: below TILES_MIN_TOKENS tokens, always from MAX_TOKENS on, and in between from tokens x density >= the
+#: bound below, which is larger for big weights (28672x8192: the rows kernel is near the bytes floor there
+#: and wins up to 8 tokens at 70% sparsity; 4096x4096 .. 11008x4096: the tiles kernel wins from 8 tokens at
+#: 90% and from 4 at 50%).
+TILES_MIN_TOKENS = 4
+TILES_MIN_WORK = ((1 << 26, 0.8), (None, 2.5))  # (max N*K, tokens * density bound)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -46,9 +51,20 @@ def _supports(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) ->
 
 @register("csr_linear", "cuda", supports=_supports)
 def csr_linear(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if tiles_apply(x2, csr) and (x2.shape[0] > MAX_TOKENS or x2.shape[0] * csr.density >= TILES_MIN_WORK):
+    if tiles_apply(x2, csr) and use_tiles(x2.shape[0], csr.shape, csr.density):
         return csr_linear_tiles(x2, csr, bias)
     return csr_linear_rows(x2, csr, bias)
+
+
+def use_tiles(tokens: int, shape, density: float) -> bool:
+    """Whether the tiles kernel (rather than the rows kernel) runs for this many tokens; see TILES_MIN_WORK."""
+    if tokens >= MAX_TOKENS:
+        return True
+    if tokens < TILES_MIN_TOKENS:
+        return False
+    size = shape[0] * shape[1]
+    bound = next(b for limit, b in TILES_MIN_WORK if limit is None or size <= limit)
+    return tokens * density >= bound
 
 
 def csr_linear_rows(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> torch.Tensor:
