@@ -10,8 +10,8 @@
 // 16 x 128 tile in shared memory, scatters the entries into it and runs 8 k-steps of mma.m16n8k16 (fp32
 // accumulators) against the activations. The tensor cores do the dense tile's FLOPs, which at decode sizes
 // cost far less than the bytes; what is paid per tile is the zeroing, the scatter and the ldmatrix reads.
-// The next tile's entries are requested before the current tile's MMAs, so one load per band is in flight
-// while a warp computes. A warp takes two bands (32 rows), so each B fragment it reads feeds two MMAs.
+// The next tile's entries are requested before the current tile's MMAs, so one load is in flight per warp
+// while it computes, with 24 warps per SM.
 //
 // What bounds it (ncu, H200, 2026-12-02): shared memory. Per tile the zeroing, the A and B ldmatrix reads and
 // the scatter cost ~140 shared-memory wavefronts whatever the sparsity (L1/shared throughput 65-77%); the
@@ -19,7 +19,7 @@
 // cp.async ring in shared memory (more bytes in flight, 2 blocks per SM) was 20-40% slower: more shared
 // traffic, fewer warps.
 //
-// A block is 8 warps = 16 consecutive bands over one range of K; its tokens' activations are staged in
+// A block is 8 warps = 8 consecutive bands over one range of K; its tokens' activations are staged in
 // shared memory one slice of K (512/256/128 columns for 8-16/32/64 tokens) at a time with cp.async, double
 // buffered. When the K range is split over several blocks (grid.y > 1, chosen so the launch fills the GPU),
 // each writes fp32 partial sums and a second kernel adds them in split order (deterministic), adds the bias
@@ -40,18 +40,16 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kChunk = 4;             // 16-byte loads per lane per request: up to 512 entries
 constexpr int kTileWords = kTileK * kBand;  // locations per tile (11 bits)
 
-// Tokens per pass = 8 * NT (NT MMA n-tiles); tiles per staged slice of x (the double-buffered slice stays
-// ~33 KB). A warp takes kBands bands (2: each B fragment read from shared memory feeds two MMAs, a quarter
-// of the per-tile shared traffic saved; 1 for 64 tokens, whose accumulators would not fit twice).
+// Tokens per pass = 8 * NT (NT MMA n-tiles); tiles per staged slice of x, so that the double-buffered
+// slice stays ~33 KB and three blocks fit per SM.
 template <int NT>
 struct Cfg {
   static constexpr int kTok = 8 * NT;
-  static constexpr int kBands = NT >= 8 ? 1 : 2;
   static constexpr int kSliceTiles = NT <= 2 ? 4 : (NT == 4 ? 2 : 1);
   static constexpr int kSliceK = kSliceTiles * kTileK;
   static constexpr int kXStride = kSliceK + 8;  // elements; 16 bytes off a multiple of 128: conflict-free
   static constexpr size_t kSmemX = 2ull * kTok * kXStride * 2;
-  static constexpr size_t kSmemW = static_cast<size_t>(kWarps) * kBands * kBand * kTileStride * 2;
+  static constexpr size_t kSmemW = static_cast<size_t>(kWarps) * kBand * kTileStride * 2;
   static constexpr size_t kSmem = kSmemX + kSmemW;
 };
 
@@ -155,35 +153,27 @@ __device__ __forceinline__ void zero_tile(uint16_t* wt, int lane) {
   }
 }
 
-// acc[j][n] += W_tile j [16 x 128] @ xs[n-tile n][col0 .. col0 + 128)^T for the warp's kBands bands and the
-// NT n-tiles of 8 tokens; each B fragment is read once for all bands.
+// acc[n] += W_tile [16 x 128] @ xs[n-tile n][col0 .. col0 + 128)^T, for the NT n-tiles of 8 tokens.
 template <typename T, int NT>
-__device__ __forceinline__ void mma_tile(float (&acc)[Cfg<NT>::kBands][NT][4], const uint16_t* wt, const T* xs,
-                                         int col0, int lane) {
+__device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const uint16_t* wt, const T* xs, int col0, int lane) {
   using C = Cfg<NT>;
 #pragma unroll
   for (int ks = 0; ks < kTileK / 16; ++ks) {
-    uint32_t a[C::kBands][4];
-#pragma unroll
-    for (int j = 0; j < C::kBands; ++j)
-      ldmatrix_x4(a[j], wt + (j * kBand + (lane & 15)) * kTileStride + ks * 16 + (lane >> 4) * 8);
+    uint32_t a[4];
+    ldmatrix_x4(a, wt + (lane & 15) * kTileStride + ks * 16 + (lane >> 4) * 8);
     const int col = col0 + ks * 16;
     if constexpr (NT == 1) {
       uint32_t b0, b1;
       ldmatrix_x2(b0, b1, xs + (lane & 7) * C::kXStride + col + ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int j = 0; j < C::kBands; ++j) Mma<T>::run(acc[j][0], a[j], b0, b1);
+      Mma<T>::run(acc[0], a, b0, b1);
     } else {
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
         const int m = lane >> 3;
         ldmatrix_x4(b, xs + (np * 16 + (m >> 1) * 8 + (lane & 7)) * C::kXStride + col + (m & 1) * 8);
-#pragma unroll
-        for (int j = 0; j < C::kBands; ++j) {
-          Mma<T>::run(acc[j][2 * np], a[j], b[0], b[1]);
-          Mma<T>::run(acc[j][2 * np + 1], a[j], b[2], b[3]);
-        }
+        Mma<T>::run(acc[2 * np], a, b[0], b[1]);
+        Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
       }
     }
   }
@@ -207,53 +197,41 @@ struct PtrWindow {
 };
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2)  // 2 x 8 warps per SM (shared memory allows 2 blocks)
+__global__ void __launch_bounds__(kThreads, NT >= 8 ? 2 : 3)  // 3 x 8 warps per SM; NT = 8 would spill at 80 registers
 csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr, const T* __restrict__ x,
                  const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ part, int64_t N, int64_t K,
                  int64_t tokens, int64_t nbands, int64_t nt, int64_t tiles_per_block) {
   using C = Cfg<NT>;
-  constexpr int MB = C::kBands;
-  constexpr int64_t kReq = 32 * kChunk * 4;  // entries per request
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint16_t* wt = reinterpret_cast<uint16_t*>(smem_raw + C::kSmemX) + warp * MB * kBand * kTileStride;
+  uint16_t* wt = reinterpret_cast<uint16_t*>(smem_raw + C::kSmemX) + warp * kBand * kTileStride;
 
-  const int64_t band0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * MB;
-  const bool active = band0 < nbands;
+  const int64_t band = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const bool active = band < nbands;
   const int64_t tb = static_cast<int64_t>(blockIdx.y) * tiles_per_block;
   const int64_t te = tb + tiles_per_block < nt ? tb + tiles_per_block : nt;
   const int64_t tok0 = static_cast<int64_t>(blockIdx.z) * C::kTok;
   const int nslices = static_cast<int>((te - tb + C::kSliceTiles - 1) / C::kSliceTiles);
 
-  // per band j: tile boundaries, the current tile's entries [p0, p1) and its first request in buf[j];
-  // a band past the end (odd band count) keeps an empty range and a zero tile
-  PtrWindow win[MB];
-  uint4 buf[MB][kChunk];
-  int64_t p0[MB], p1[MB];
-#pragma unroll
-  for (int j = 0; j < MB; ++j) {
-    win[j].ptr = ptr;
-    win[j].last = nbands * nt;
-    p0[j] = p1[j] = 0;
-    if (active && band0 + j < nbands) {
-      const int64_t row = (band0 + j) * nt;
-      win[j].load(row + tb, lane);
-      p0[j] = win[j].at(row + tb, lane);
-      p1[j] = win[j].at(row + tb + 1, lane);
-      load_entries(buf[j], ent4, p0[j], p1[j] < p0[j] + kReq ? p1[j] : p0[j] + kReq, lane);
-    }
+  PtrWindow win{ptr};
+  win.last = nbands * nt;
+  uint4 buf[kChunk];
+  int64_t p0 = 0, p1 = 0;
+  if (active) {
+    win.load(band * nt + tb, lane);
+    p0 = win.at(band * nt + tb, lane);
+    p1 = win.at(band * nt + tb + 1, lane);
+    load_entries(buf, ent4, p0, p1 < p0 + 32 * kChunk * 4 ? p1 : p0 + 32 * kChunk * 4, lane);
   }
   stage_slice<T, NT>(xs, x, K, tokens, tok0, tb * kTileK);
   cp_async_commit();
 
-  float acc[MB][NT][4];
+  float acc[NT][4];
 #pragma unroll
-  for (int j = 0; j < MB; ++j)
+  for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[j][n][i] = 0.f;
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
   for (int s = 0; s < nslices; ++s) {
     T* xcur = xs + (s & 1) * C::kTok * C::kXStride;
@@ -270,37 +248,26 @@ csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr
       for (int sp = 0; sp < C::kSliceTiles; ++sp) {
         const int64_t t = tb + static_cast<int64_t>(s) * C::kSliceTiles + sp;
         if (t >= te) break;
-        bool any = false;
-#pragma unroll
-        for (int j = 0; j < MB; ++j) any |= p1[j] > p0[j];
-        if (any) {
+        const int64_t q0 = p0, q1 = p1;
+        if (q1 > q0) {
           __syncwarp();  // the previous tile's ldmatrix reads are done before it is overwritten
-#pragma unroll
-          for (int j = 0; j < MB; ++j) zero_tile(wt + j * kBand * kTileStride, lane);
+          zero_tile(wt, lane);
           __syncwarp();
-#pragma unroll
-          for (int j = 0; j < MB; ++j) {
-            uint16_t* wj = wt + j * kBand * kTileStride;
-            const int64_t first_end = p1[j] < p0[j] + kReq ? p1[j] : p0[j] + kReq;
-            scatter_entries(wj, buf[j], p0[j], first_end, lane);
-            for (int64_t q = first_end; q < p1[j]; q += kReq) {  // tiles denser than one request (> 25%)
-              const int64_t e = p1[j] < q + kReq ? p1[j] : q + kReq;
-              load_entries(buf[j], ent4, q, e, lane);
-              scatter_entries(wj, buf[j], q, e, lane);
-            }
+          int64_t q = q0;
+          const int64_t first_end = q1 < q0 + 32 * kChunk * 4 ? q1 : q0 + 32 * kChunk * 4;
+          scatter_entries(wt, buf, q, first_end, lane);
+          for (q = first_end; q < q1; q += 32 * kChunk * 4) {  // tiles denser than one request (> 50%)
+            const int64_t e = q1 < q + 32 * kChunk * 4 ? q1 : q + 32 * kChunk * 4;
+            load_entries(buf, ent4, q, e, lane);
+            scatter_entries(wt, buf, q, e, lane);
           }
         }
         if (t + 1 < te) {  // request the next tile before computing this one
-#pragma unroll
-          for (int j = 0; j < MB; ++j) {
-            if (band0 + j < nbands) {
-              p0[j] = p1[j];
-              p1[j] = win[j].at((band0 + j) * nt + t + 2, lane);
-              load_entries(buf[j], ent4, p0[j], p1[j] < p0[j] + kReq ? p1[j] : p0[j] + kReq, lane);
-            }
-          }
+          p0 = q1;
+          p1 = win.at(band * nt + t + 2, lane);
+          load_entries(buf, ent4, p0, p1 < p0 + 32 * kChunk * 4 ? p1 : p0 + 32 * kChunk * 4, lane);
         }
-        if (any) {
+        if (q1 > q0) {
           __syncwarp();
           mma_tile<T, NT>(acc, wt, xcur, sp * kTileK, lane);
         }
@@ -310,23 +277,20 @@ csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr
   }
 
   if (!active) return;
+  const int64_t r0 = band * kBand + (lane >> 2);
 #pragma unroll
-  for (int j = 0; j < MB; ++j) {
-    const int64_t r0 = (band0 + j) * kBand + (lane >> 2);
+  for (int n = 0; n < NT; ++n) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t r = r0 + (i >> 1) * 8;
-        const int64_t tok = tok0 + n * 8 + (lane & 3) * 2 + (i & 1);
-        if (r >= N || tok >= tokens) continue;
-        if (gridDim.y == 1) {
-          float out = acc[j][n][i];
-          if (bias != nullptr) out += to_f(bias[r]);
-          y[tok * N + r] = from_f<T>(out);
-        } else {
-          part[(static_cast<int64_t>(blockIdx.y) * tokens + tok) * N + r] = acc[j][n][i];
-        }
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = r0 + (i >> 1) * 8;
+      const int64_t tok = tok0 + n * 8 + (lane & 3) * 2 + (i & 1);
+      if (r >= N || tok >= tokens) continue;
+      if (gridDim.y == 1) {
+        float out = acc[n][i];
+        if (bias != nullptr) out += to_f(bias[r]);
+        y[tok * N + r] = from_f<T>(out);
+      } else {
+        part[(static_cast<int64_t>(blockIdx.y) * tokens + tok) * N + r] = acc[n][i];
       }
     }
   }
@@ -346,15 +310,6 @@ __global__ void csr_tiles_reduce_kernel(const float* __restrict__ part, const T*
 }
 
 int nt_for_tokens(int64_t tokens) { return tokens <= 8 ? 1 : tokens <= 16 ? 2 : tokens <= 32 ? 4 : 8; }
-
-int bands_per_warp(int nt) {
-  switch (nt) {
-    case 1: return Cfg<1>::kBands;
-    case 2: return Cfg<2>::kBands;
-    case 4: return Cfg<4>::kBands;
-    default: return Cfg<8>::kBands;
-  }
-}
 
 int slice_tiles(int nt) {
   switch (nt) {
@@ -406,7 +361,7 @@ void launch(const uint4* ent4, const int64_t* ptr, const T* x, const T* bias, T*
   const int64_t nbands = se::ceil_div(N, kBand), nt = se::ceil_div(K, kTileK);
   // whole slices per block; grid.y <= splits, so the caller's partial-sum buffer is large enough
   const int64_t tiles_per_block = se::ceil_div(se::ceil_div(nt, C::kSliceTiles), splits) * C::kSliceTiles;
-  dim3 grid(static_cast<unsigned>(se::ceil_div(nbands, kWarps * C::kBands)), static_cast<unsigned>(se::ceil_div(nt, tiles_per_block)),
+  dim3 grid(static_cast<unsigned>(se::ceil_div(nbands, kWarps)), static_cast<unsigned>(se::ceil_div(nt, tiles_per_block)),
             static_cast<unsigned>(se::ceil_div(tokens, C::kTok)));
   kernel<<<grid, kThreads, C::kSmem, stream>>>(ent4, ptr, x, bias, y, part, N, K, tokens, nbands, nt, tiles_per_block);
   SE_CHECK_LAUNCH();
@@ -432,14 +387,13 @@ void launch_nt(int nt, const uint4* ent4, const int64_t* ptr, const T* x, const 
 
 }  // namespace
 
-// How many blocks split K (grid.y) for this problem: enough blocks to fill every SM once (8 warps a block),
+// How many blocks split K (grid.y) for this problem: enough blocks to fill every SM once (8 bands a block),
 // in whole slices of x. The caller allocates splits x tokens x N fp32 partial sums when this is > 1.
 int64_t csr_tiles_splits(int64_t N, int64_t K, int64_t tokens) {
   SE_REQUIRE(N > 0 && K > 0 && tokens > 0, "N, K and tokens must be positive");
   const int ntiles = nt_for_tokens(tokens);
   const int64_t per_sm = blocks_per_sm(ntiles);
-  const int64_t groups = se::ceil_div(se::ceil_div(N, kBand), kWarps * bands_per_warp(ntiles)) *
-                         se::ceil_div(tokens, 8 * ntiles);
+  const int64_t groups = se::ceil_div(se::ceil_div(N, kBand), kWarps) * se::ceil_div(tokens, 8 * ntiles);
   const int64_t st = slice_tiles(ntiles);
   const int64_t slices = se::ceil_div(se::ceil_div(K, kTileK), st);
   int64_t want = se::ceil_div(per_sm * sm_count(), groups);
