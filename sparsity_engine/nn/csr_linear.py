@@ -23,7 +23,9 @@ class CSRLinear(nn.Module):
     frozen parameter, so ``.to()``, ``state_dict()`` and ``load_state_dict()`` work (a loaded state dict may
     hold a different number of nonzeros: the buffers take the loaded sizes). ``backend`` is passed to
     :func:`csr_linear`; ``cache_dense=True`` keeps the rebuilt dense weight when csr_linear falls back to
-    dense (large batches), trading memory for not rebuilding it on every call.
+    dense (large batches), trading memory for not rebuilding it on every call. The first call that the CUDA
+    tensor-core kernel serves (fp16/bf16, several tokens: ``ops/csr/cuda.py: use_tiles``) also keeps a second
+    copy of the weight in that kernel's tile layout (4 bytes per nonzero, like the CSR arrays; not saved).
     """
 
     def __init__(self, csr: CSRMatrix, bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None,
