@@ -1,10 +1,11 @@
 """CSR sparse linear layers: ``to_csr`` (dense/masked weight -> CSRMatrix) and ``csr_linear`` (x @ W^T + b).
 
-Backends: 'reference' (torch, exact: the dense weight rebuilt and F.linear), 'cuda' (csrc/csr.cu, a
-warp-per-row SpMV / small-batch SpMM for 1..16 tokens, the decode case), 'triton' (an SpMM for any number of
-tokens, used from 17 tokens on). With ``backend=None`` on CUDA tensors, :func:`csr_linear` also decides
-whether the sparse kernels can win at all, and otherwise runs dense cuBLAS (``F.linear``) on the rebuilt
-weight: see :data:`DISPATCH_RULE` and :func:`prefer_dense`.
+Backends: 'reference' (torch, exact: the dense weight rebuilt and F.linear), 'cuda' (two kernels, see
+ops/csr/cuda.py: csrc/csr.cu, a warp-per-row SpMV / small-batch SpMM for 1..16 tokens, the decode case, and
+csrc/csr_tiles.cu, a tensor-core SpMM for fp16/bf16 that takes over from a few tokens on), 'triton' (an SpMM
+for any number of tokens and dtype; what serves fp32 above 16 tokens). With ``backend=None`` on CUDA tensors,
+:func:`csr_linear` also decides whether the sparse kernels can win at all, and otherwise runs dense cuBLAS
+(``F.linear``) on the rebuilt weight: see :data:`DISPATCH_RULE` and :func:`prefer_dense`.
 """
 from __future__ import annotations
 
