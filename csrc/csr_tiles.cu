@@ -18,7 +18,8 @@
 // time is nearly flat from 90% to 70% sparsity. A variant that streamed each band's entries through a
 // cp.async ring in shared memory (more bytes in flight, 2 blocks per SM) was 5-35% slower: more shared
 // traffic, fewer warps. So was one with two bands per warp (each B fragment feeding two MMAs: a quarter less
-// shared traffic, but 2 blocks per SM instead of 3): 5-30% slower at 4-16 tokens.
+// shared traffic, but 2 blocks per SM instead of 3): 5-30% slower at 4-16 tokens. And four blocks per SM
+// (64 registers, 256-column slices of x): -9% to +8% by shape, no better on average.
 //
 // A block is 8 warps = 8 consecutive bands over one range of K; its tokens' activations are staged in
 // shared memory one slice of K (512/256/128 columns for 8-16/32/64 tokens) at a time with cp.async, double
@@ -26,7 +27,6 @@
 // each writes fp32 partial sums and a second kernel adds them in split order (deterministic), adds the bias
 // and converts to T.
 #include <cstdint>
-#include <cstdlib>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -44,10 +44,10 @@ constexpr int kTileWords = kTileK * kBand;  // locations per tile (11 bits)
 
 // Tokens per pass = 8 * NT (NT MMA n-tiles); tiles per staged slice of x, so that the double-buffered
 // slice stays ~33 KB and three blocks fit per SM.
-template <int NT, int OCC = 3>
+template <int NT>
 struct Cfg {
   static constexpr int kTok = 8 * NT;
-  static constexpr int kSliceTiles = NT <= 2 ? (OCC == 4 ? 2 : 4) : (NT == 4 ? 2 : 1);
+  static constexpr int kSliceTiles = NT <= 2 ? 4 : (NT == 4 ? 2 : 1);
   static constexpr int kSliceK = kSliceTiles * kTileK;
   static constexpr int kXStride = kSliceK + 8;  // elements; 16 bytes off a multiple of 128: conflict-free
   static constexpr size_t kSmemX = 2ull * kTok * kXStride * 2;
@@ -103,10 +103,10 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // x[tok0 .. tok0 + kTok, col0 .. col0 + kSliceK) -> xs [kTok][kXStride]; rows past `tokens` and columns past K
 // are zero (K is a multiple of 8, so a 16-byte chunk is wholly inside or outside).
-template <typename T, int NT, int OCC>
+template <typename T, int NT>
 __device__ __forceinline__ void stage_slice(T* xs, const T* __restrict__ x, int64_t K, int64_t tokens,
                                             int64_t tok0, int64_t col0) {
-  using C = Cfg<NT, OCC>;
+  using C = Cfg<NT>;
   constexpr int kRowChunks = C::kSliceK / 8;
   for (int i = threadIdx.x; i < C::kTok * kRowChunks; i += kThreads) {
     const int row = i / kRowChunks, chunk = i % kRowChunks;
@@ -156,9 +156,9 @@ __device__ __forceinline__ void zero_tile(uint16_t* wt, int lane) {
 }
 
 // acc[n] += W_tile [16 x 128] @ xs[n-tile n][col0 .. col0 + 128)^T, for the NT n-tiles of 8 tokens.
-template <typename T, int NT, int OCC>
+template <typename T, int NT>
 __device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const uint16_t* wt, const T* xs, int col0, int lane) {
-  using C = Cfg<NT, OCC>;
+  using C = Cfg<NT>;
 #pragma unroll
   for (int ks = 0; ks < kTileK / 16; ++ks) {
     uint32_t a[4];
@@ -198,12 +198,12 @@ struct PtrWindow {
   }
 };
 
-template <typename T, int NT, int OCC>
-__global__ void __launch_bounds__(kThreads, NT >= 8 ? 2 : OCC)  // 3 x 8 warps per SM; NT = 8 would spill at 80 registers
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, NT >= 8 ? 2 : 3)  // 3 x 8 warps per SM; NT = 8 would spill at 80 registers
 csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr, const T* __restrict__ x,
                  const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ part, int64_t N, int64_t K,
                  int64_t tokens, int64_t nbands, int64_t nt, int64_t tiles_per_block) {
-  using C = Cfg<NT, OCC>;
+  using C = Cfg<NT>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -226,7 +226,7 @@ csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr
     p1 = win.at(band * nt + tb + 1, lane);
     load_entries(buf, ent4, p0, p1 < p0 + 32 * kChunk * 4 ? p1 : p0 + 32 * kChunk * 4, lane);
   }
-  stage_slice<T, NT, OCC>(xs, x, K, tokens, tok0, tb * kTileK);
+  stage_slice<T, NT>(xs, x, K, tokens, tok0, tb * kTileK);
   cp_async_commit();
 
   float acc[NT][4];
@@ -238,7 +238,7 @@ csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr
   for (int s = 0; s < nslices; ++s) {
     T* xcur = xs + (s & 1) * C::kTok * C::kXStride;
     if (s + 1 < nslices) {
-      stage_slice<T, NT, OCC>(xs + ((s + 1) & 1) * C::kTok * C::kXStride, x, K, tokens, tok0,
+      stage_slice<T, NT>(xs + ((s + 1) & 1) * C::kTok * C::kXStride, x, K, tokens, tok0,
                          (tb + static_cast<int64_t>(s + 1) * C::kSliceTiles) * kTileK);
       cp_async_commit();
       cp_async_wait<1>();
@@ -271,7 +271,7 @@ csr_tiles_kernel(const uint4* __restrict__ ent4, const int64_t* __restrict__ ptr
         }
         if (q1 > q0) {
           __syncwarp();
-          mma_tile<T, NT, OCC>(acc, wt, xcur, sp * kTileK, lane);
+          mma_tile<T, NT>(acc, wt, xcur, sp * kTileK, lane);
         }
       }
     }
@@ -313,42 +313,33 @@ __global__ void csr_tiles_reduce_kernel(const float* __restrict__ part, const T*
 
 int nt_for_tokens(int64_t tokens) { return tokens <= 8 ? 1 : tokens <= 16 ? 2 : tokens <= 32 ? 4 : 8; }
 
-int occ_variant() {
-  static int v = [] { const char* e = getenv("SE_CSR_TILES_OCC"); return e && atoi(e) == 4 ? 4 : 3; }();
-  return v;
-}
-
-template <int OCC>
-int slice_tiles_v(int nt) {
+int slice_tiles(int nt) {
   switch (nt) {
-    case 1: return Cfg<1, OCC>::kSliceTiles;
-    case 2: return Cfg<2, OCC>::kSliceTiles;
-    case 4: return Cfg<4, OCC>::kSliceTiles;
-    default: return Cfg<8, OCC>::kSliceTiles;
+    case 1: return Cfg<1>::kSliceTiles;
+    case 2: return Cfg<2>::kSliceTiles;
+    case 4: return Cfg<4>::kSliceTiles;
+    default: return Cfg<8>::kSliceTiles;
   }
 }
-int slice_tiles(int nt) { return occ_variant() == 4 ? slice_tiles_v<4>(nt) : slice_tiles_v<3>(nt); }
 
 // Resident blocks per SM of the kernel for NT n-tiles (registers and shared memory), and the SM count.
-template <int NT, int OCC>
+template <int NT>
 int64_t blocks_per_sm() {
   int per_sm = 0;
-  auto kernel = csr_tiles_kernel<__nv_bfloat16, NT, OCC>;
-  SE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg<NT, OCC>::kSmem)));
-  SE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg<NT, OCC>::kSmem));
+  auto kernel = csr_tiles_kernel<__nv_bfloat16, NT>;
+  SE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg<NT>::kSmem)));
+  SE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg<NT>::kSmem));
   return per_sm < 1 ? 1 : per_sm;
 }
 
-template <int OCC>
-int64_t blocks_per_sm_v(int nt) {
+int64_t blocks_per_sm(int nt) {
   switch (nt) {
-    case 1: return blocks_per_sm<1, OCC>();
-    case 2: return blocks_per_sm<2, OCC>();
-    case 4: return blocks_per_sm<4, OCC>();
-    default: return blocks_per_sm<8, OCC>();
+    case 1: return blocks_per_sm<1>();
+    case 2: return blocks_per_sm<2>();
+    case 4: return blocks_per_sm<4>();
+    default: return blocks_per_sm<8>();
   }
 }
-int64_t blocks_per_sm(int nt) { return occ_variant() == 4 ? blocks_per_sm_v<4>(nt) : blocks_per_sm_v<3>(nt); }
 
 int sm_count() {
   int device = 0, sms = 0;
@@ -357,11 +348,11 @@ int sm_count() {
   return sms;
 }
 
-template <typename T, int NT, int OCC>
+template <typename T, int NT>
 void launch(const uint4* ent4, const int64_t* ptr, const T* x, const T* bias, T* y, float* part, int64_t N,
             int64_t K, int64_t tokens, int64_t splits, cudaStream_t stream) {
-  using C = Cfg<NT, OCC>;
-  auto kernel = csr_tiles_kernel<T, NT, OCC>;
+  using C = Cfg<NT>;
+  auto kernel = csr_tiles_kernel<T, NT>;
   static bool attr_set[64] = {};
   int device = 0;
   SE_CUDA_CHECK(cudaGetDevice(&device));
@@ -385,22 +376,15 @@ void launch(const uint4* ent4, const int64_t* ptr, const T* x, const T* bias, T*
   }
 }
 
-template <typename T, int OCC>
-void launch_nt_v(int nt, const uint4* ent4, const int64_t* ptr, const T* x, const T* bias, T* y, float* part,
-                 int64_t N, int64_t K, int64_t tokens, int64_t splits, cudaStream_t stream) {
-  switch (nt) {
-    case 1: launch<T, 1, OCC>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
-    case 2: launch<T, 2, OCC>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
-    case 4: launch<T, 4, OCC>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
-    default: launch<T, 8, OCC>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
-  }
-}
-
 template <typename T>
 void launch_nt(int nt, const uint4* ent4, const int64_t* ptr, const T* x, const T* bias, T* y, float* part,
                int64_t N, int64_t K, int64_t tokens, int64_t splits, cudaStream_t stream) {
-  if (occ_variant() == 4) launch_nt_v<T, 4>(nt, ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream);
-  else launch_nt_v<T, 3>(nt, ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream);
+  switch (nt) {
+    case 1: launch<T, 1>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
+    case 2: launch<T, 2>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
+    case 4: launch<T, 4>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
+    default: launch<T, 8>(ent4, ptr, x, bias, y, part, N, K, tokens, splits, stream); break;
+  }
 }
 
 }  // namespace
