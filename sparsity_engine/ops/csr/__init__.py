@@ -31,13 +31,14 @@ __all__ = ["CSRMatrix", "to_csr", "csr_linear", "prefer_dense", "DISPATCH_RULE",
 #: time (rows kernel or tensor-core tiles kernel, as it picks them):
 #:
 #:   tokens | 50% sparse  | 70%        | 80%        | 90%
-#:   1      | 0.81-1.01   | 1.11-1.42  | 1.32-1.89  | 1.90-3.06
-#:   2      | 0.76-0.91   | 1.04-1.42  | 1.25-1.86  | 1.56-2.96
-#:   4      | 0.67-0.82   | 0.84-1.27  | 1.07-1.65  | 1.32-2.52
-#:   8      | 0.61-0.80   | 0.81-0.92  | 1.00-1.18  | 0.99-1.78
-#:   16     | 0.57-0.76   | 0.73-0.87  | 0.86-0.99  | 1.00-1.13
-#:   64     | 0.37-0.52   | 0.43-0.57  | 0.49-0.63  | 0.53-0.66
-#:   256    | 0.15-0.20   | 0.17-0.26  | 0.20-0.31  | 0.22-0.32
+#:   1      | 0.80-1.01   | 1.10-1.50  | 1.32-1.98  | 1.88-3.21
+#:   2      | 0.75-0.91   | 1.02-1.41  | 1.20-1.85  | 1.51-2.93
+#:   4      | 0.70-0.79   | 0.82-1.20  | 1.00-1.57  | 1.29-2.38
+#:   8      | 0.63-0.75   | 0.81-0.90  | 0.95-1.19  | 1.03-1.78
+#:   16     | 0.57-0.71   | 0.74-0.81  | 0.84-0.97  | 0.92-1.14
+#:   64     | 0.37-0.53   | 0.43-0.56  | 0.50-0.62  | 0.53-0.68
+#:   128    | 0.21-0.30   | 0.25-0.34  | 0.29-0.38  | 0.31-0.40
+#:   256    | 0.15-0.19   | 0.17-0.25  | 0.21-0.29  | 0.22-0.31
 #:
 #: so with a dense weight at hand the sparse path is taken at most at the density (nnz / (N*K)) below:
 DISPATCH_RULE: Tuple[Tuple[int, float], ...] = (
@@ -45,8 +46,8 @@ DISPATCH_RULE: Tuple[Tuple[int, float], ...] = (
     (1, 0.40),
     (2, 0.32),
     (4, 0.22),
-    (8, 0.20),
-    (16, 0.10),
+    (8, 0.15),
+    (16, 0.09),
 )
 #: The rule compares against a dense weight that is AT HAND (``csr.dense_cache``, e.g. from
 #: ``CSRLinear(cache_dense=True)``). Without one, the fallback must first rebuild the dense weight, which
@@ -169,8 +170,13 @@ def csr_linear(x: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor] = N
     impl = _impl_for(backend, x2, csr, bias)
     if resolve_backend(backend) is None and x.is_cuda:
         dense = getattr(csr, "dense_cache", None)
-        tiles = impl.backend == "cuda" and x2.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0
+        tiles = impl.backend == "cuda" and _tiles_apply(x2, csr)
         if prefer_dense(tokens, csr.density, dense_fallback, dense_at_hand=dense is not None, tiles_kernel=tiles):
             return F.linear(x2, dense if dense is not None else densify(csr), bias).reshape(*lead, n)
     out = impl.fn(x2, csr, bias)
     return out.reshape(*lead, n)
+
+
+def _tiles_apply(x2: torch.Tensor, csr: CSRMatrix) -> bool:
+    from .cuda import tiles_apply  # imported only once the CUDA backend was chosen (so it imported)
+    return tiles_apply(x2, csr)
