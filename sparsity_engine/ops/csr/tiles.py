@@ -24,7 +24,7 @@ from .format import CSRMatrix
 TILE_ROWS = 16
 TILE_COLS = 128
 GROUP = 4  # words per 16-byte load
-_BUILD_ROWS = 1 << 14  # rows converted per step (bounds the int64 temporaries to ~8 x nnz of the step)
+_BUILD_SLOTS = 1 << 24  # CSR slots converted per step: the int64 temporaries stay ~10 x 8 bytes x this
 _CACHE_KEY = "_tile_layout"
 
 
@@ -39,8 +39,9 @@ def tile_layout(csr: CSRMatrix) -> Tuple[torch.Tensor, torch.Tensor]:
     nt = -(-k // TILE_COLS)
     ptrs, words = [], []
     offset = 0
-    for r0 in range(0, n, _BUILD_ROWS):  # a multiple of TILE_ROWS, so chunks hold whole bands
-        p, w = _build_rows(csr, r0, min(n, r0 + _BUILD_ROWS), nt)
+    step = _rows_per_step(csr)
+    for r0 in range(0, n, step):
+        p, w = _build_rows(csr, r0, min(n, r0 + step), nt)
         ptrs.append(p[:-1] + offset)
         words.append(w)
         offset += w.numel()
@@ -48,6 +49,13 @@ def tile_layout(csr: CSRMatrix) -> Tuple[torch.Tensor, torch.Tensor]:
     entries = torch.cat(words) if words else torch.zeros(0, dtype=torch.int32, device=csr.device)
     csr.__dict__[_CACHE_KEY] = (ptr, entries)
     return ptr, entries
+
+
+def _rows_per_step(csr: CSRMatrix) -> int:
+    """Whole bands of rows holding about _BUILD_SLOTS slots on average (at least one band)."""
+    n = csr.shape[0]
+    per_row = max(1, csr.values.numel() // max(1, n))
+    return max(TILE_ROWS, _BUILD_SLOTS // per_row // TILE_ROWS * TILE_ROWS)
 
 
 def _build_rows(csr: CSRMatrix, r0: int, r1: int, nt: int) -> Tuple[torch.Tensor, torch.Tensor]:
