@@ -99,11 +99,11 @@ def csr_linear_tiles(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tens
     ptr, entries = tile_layout(csr)
     splits = _tiles_splits(ext, n, k, tokens)
     y = torch.empty(tokens, n, dtype=x2.dtype, device=x2.device)
-    part = torch.empty(splits * tokens * n if splits > 1 else 0, dtype=torch.float32, device=x2.device)
+    part = torch.empty(splits * tokens * n, dtype=torch.float32, device=x2.device) if splits > 1 else None
     x2 = _aligned(x2)
     ext.csr_tiles_spmm(entries.data_ptr(), ptr.data_ptr(), x2.data_ptr(),
                        0 if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
-                       part.data_ptr() if splits > 1 else 0, n, k, tokens, dtype_code(x2.dtype), splits,
+                       0 if part is None else part.data_ptr(), n, k, tokens, dtype_code(x2.dtype), splits,
                        stream_ptr(x2))
     return y
 
