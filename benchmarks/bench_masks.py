@@ -68,6 +68,10 @@ def two_argsort_della(x, density, eps):
 def run(shapes, dtypes, report):
     import sparsity_engine as se
     import sparsity_engine.ops.masks.triton as mt
+    try:
+        import sparsity_engine.ops.masks.cuda as mc
+    except ImportError:  # no CUDA backend here: its rows report the error
+        mc = None
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for shape in shapes:
@@ -102,6 +106,7 @@ def run(shapes, dtypes, report):
             anchors = [("topk", topk), ("argsort", sort)]
             row("topk_mask", "ours op", lambda: se.topk_mask(x, DENSITY), mask_bytes, anchors)
             row("topk_mask", "ours kernel", lambda: mt.topk_mask(x, k, None), mask_bytes, anchors)
+            row("topk_mask", "ours cuda kernel", lambda: mc.topk_mask(x, k, None), mask_bytes, anchors)
             kr = int(DENSITY * shape[-1])
             rtopk = row("topk_mask_rows", "torch.topk(dim=-1) + mask",
                         lambda: torch.zeros_like(x, dtype=torch.bool).scatter_(
@@ -114,6 +119,8 @@ def run(shapes, dtypes, report):
             row("magnitude_prune", "ours op", lambda: se.magnitude_prune(x, DENSITY), val_bytes,
                 [("mergekit", mag)])
             row("magnitude_prune", "ours kernel", lambda: mt.magnitude_prune(x, k, None), val_bytes,
+                [("mergekit", mag)])
+            row("magnitude_prune", "ours cuda kernel", lambda: mc.magnitude_prune(x, k, None), val_bytes,
                 [("mergekit", mag)])
 
             dare = row("dare", "mergekit-style bernoulli", lambda: bernoulli_dare(x, DENSITY), val_bytes)

@@ -130,12 +130,13 @@ def _with_ties(shape, dtype):
     return x
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (5, 33), (3, 4, 5), (2, 0, 3)])
 def test_topk_mask_kernel_matches_reference(backend, dtype, shape):
     x = _with_ties(shape, dtype)
-    dims = [None] + list(range(-1, len(shape)))
+    # the CUDA select ranks whole tensors only (per-slice selection declines to Triton, tested below)
+    dims = [None] + ([] if backend == "cuda" else list(range(-1, len(shape))))
     for density in (0.0, 0.3, 1.0):
         for dim in dims:
             expected = se.topk_mask(x, density, dim=dim, backend="reference")
@@ -166,13 +167,14 @@ def test_topk_mask_chunked_rows_match_reference(monkeypatch):
                            se.magnitude_prune(x[:1], density, backend="reference"))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [None, "l1", "l2", "linf"])
-def test_magnitude_prune_kernel_matches_reference(dtype, norm):
+def test_magnitude_prune_kernel_matches_reference(backend, dtype, norm):
     x = _with_ties((9, 31), dtype)
     for density in (0.1, 0.5, 0.95):
         expected = se.magnitude_prune(x, density, rescale_norm=norm, backend="reference")
-        got = se.magnitude_prune(x, density, rescale_norm=norm, backend="triton")
+        got = se.magnitude_prune(x, density, rescale_norm=norm, backend=backend)
         assert got.dtype == dtype and got.shape == x.shape
         assert torch.equal(got, expected)
 
@@ -423,32 +425,111 @@ def test_triton_backend_says_why_for_float64():
 # ---------------------------------------------------------------- GPU, real sizes
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_topk_mask_cuda_real_sizes(dtype):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_mask_cuda_real_sizes(backend, dtype):
     x = _with_ties((4096, 4096), dtype)
     for density in (0.1, 0.5):
-        for dim in (None, 1, 0):
-            got = se.topk_mask(x, density, dim=dim, backend="triton")
+        for dim in ((None, 1, 0) if backend == "triton" else (None,)):
+            got = se.topk_mask(x, density, dim=dim, backend=backend)
             assert torch.equal(got, se.topk_mask(x, density, dim=dim, backend="reference")), (density, dim)
 
 
 @pytest.mark.cuda
-def test_topk_mask_cuda_heavy_ties():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_topk_mask_cuda_heavy_ties(backend):
     x = torch.randint(-50, 51, (4096, 4096), device="cuda").float()  # the threshold value is shared widely
     for density in (0.1, 0.5):
-        for dim in (None, 1):
-            got = se.topk_mask(x, density, dim=dim, backend="triton")
+        for dim in ((None, 1) if backend == "triton" else (None,)):
+            got = se.topk_mask(x, density, dim=dim, backend=backend)
             assert torch.equal(got, se.topk_mask(x, density, dim=dim, backend="reference")), (density, dim)
-    assert torch.equal(se.magnitude_prune(x, 0.3, backend="triton"), se.magnitude_prune(x, 0.3, backend="reference"))
+    assert torch.equal(se.magnitude_prune(x, 0.3, backend=backend), se.magnitude_prune(x, 0.3, backend="reference"))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_magnitude_prune_cuda_llama_size(dtype):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_magnitude_prune_cuda_llama_size(backend, dtype):
     x = _with_ties((11008, 4096), dtype)
     for norm in (None, "l1"):
-        got = se.magnitude_prune(x, 0.3, rescale_norm=norm, backend="triton")
+        got = se.magnitude_prune(x, 0.3, rescale_norm=norm, backend=backend)
         assert torch.equal(got, se.magnitude_prune(x, 0.3, rescale_norm=norm, backend="reference"))
+
+
+@pytest.mark.cuda
+def test_topk_mask_cuda_declines_per_slice():
+    from sparsity_engine import BackendUnavailableError
+    with pytest.raises(BackendUnavailableError, match="whole tensors"):
+        se.topk_mask(torch.randn(4, 6, device="cuda"), 0.5, dim=1, backend="cuda")
+
+
+def _select_keys(t, base, magnitude):
+    """csrc/select.cu's 32-bit keys (as int64) in torch: |t - base| bits, or the values' order bits."""
+    w = 32 if t.dtype == torch.float32 else 16
+    d = (t - base if base is not None else t) if magnitude else torch.where(t == 0, torch.zeros_like(t), t)
+    u = d.view(torch.int32 if w == 32 else torch.int16).long() & ((1 << w) - 1)
+    sign = 1 << (w - 1)
+    if magnitude:
+        u = u & (sign - 1)
+    else:
+        u = torch.where(u & sign != 0, ~u & ((1 << w) - 1), u | sign)
+    return u << (32 - w)
+
+
+def _first_p(keys, p, later_first):
+    """Flat indices of the first p entries: key descending, equal keys by index ascending (descending)."""
+    idx = torch.arange(keys.numel(), device=keys.device)
+    order = torch.argsort(idx if not later_first else -idx, stable=True)
+    order = order[torch.argsort(-keys[order], stable=True)]
+    got = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+    got[order[:p]] = True
+    return got
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [8, 512, 16384])
+def test_select_edges_cuda_matches_sorting(monkeypatch, dtype, chunk):
+    """The radix select's edges (K, J) against a stable sort, for several rows over several inputs at once,
+    heavy ties spread over many chunks (chunk 8 / 512: thousands of chunks), both tie orders, the magnitude
+    of deltas against a base and the signed order, edges at positions 1 and n - 1."""
+    from sparsity_engine.ops.masks import cuda as mc
+    monkeypatch.setattr(mc, "SELECT_CHUNK", chunk)
+    monkeypatch.setattr(mc, "SELECT_MAX_CHUNKS", 1 << 20)
+    n = 50_001
+    base = torch.randn(n, device="cuda").to(dtype)
+    inputs = [(base.float() + torch.randint(-3, 4, (n,), device="cuda") * 0.25).to(dtype),  # few distinct keys
+              (base.float() + 0.01 * torch.randn(n, device="cuda")).to(dtype),
+              torch.zeros(n, device="cuda", dtype=dtype) + base]                            # all deltas 0
+    for magnitude, with_base in ((True, True), (True, False), (False, False)):
+        for later_first in (False, True):
+            rows = [(0, 1, later_first, 0), (0, n // 3, later_first, 1), (1, n - 1, later_first, 2),
+                    (1, 777, later_first, 3), (2, n // 2, later_first, 4)]
+            out_k = torch.full((5,), -7, dtype=torch.int32, device="cuda")
+            out_j = torch.full((5,), -7, dtype=torch.int32, device="cuda")
+            mc.select_edges(inputs, base if with_base else None, rows, mode=mc.MAGNITUDE if magnitude else mc.ORDER,
+                            out_k=out_k, out_j=out_j, k_shift=0)
+            for m, p, lf, slot in rows:
+                keys = _select_keys(inputs[m], base if with_base else None, magnitude)
+                K, J = int(out_k[slot]) & 0xFFFFFFFF, int(out_j[slot])
+                idx = torch.arange(n, device="cuda")
+                got = (keys > K) | ((keys == K) & ((idx >= J) if lf else (idx < J)))
+                assert torch.equal(got, _first_p(keys, p, lf)), (magnitude, with_base, lf, m, p)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_mask_cuda_many_chunks(monkeypatch, dtype):
+    from sparsity_engine.ops.masks import cuda as mc
+    monkeypatch.setattr(mc, "SELECT_CHUNK", 64)
+    x = torch.randint(-5, 6, (301, 77), device="cuda").to(dtype)
+    x.view(-1)[::7] = -0.0
+    for density in (0.001, 0.3, 0.5, 0.999):
+        assert torch.equal(se.topk_mask(x, density, backend="cuda"), se.topk_mask(x, density, backend="reference"))
+        assert torch.equal(se.magnitude_prune(x, density, backend="cuda"),
+                           se.magnitude_prune(x, density, backend="reference"))
+    unaligned = x.view(-1)[3:]  # pointers not 16-byte aligned: the scalar path
+    assert torch.equal(se.topk_mask(unaligned, 0.4, backend="cuda"), se.topk_mask(unaligned, 0.4, backend="reference"))
 
 
 @pytest.mark.cuda

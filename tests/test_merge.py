@@ -5,6 +5,9 @@ import torch
 
 import sparsity_engine as se
 from helpers import KERNEL_DEVICE, RTOL, assert_rel_close
+
+# the CUDA backend is the Triton merge with its magnitude band edges found by csrc/select.cu
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if KERNEL_DEVICE == "cuda" else [])
 from sparsity_engine.merge import merge_state_dicts
 from sparsity_engine.ops.merge import METHODS, magnitude_outliers
 
@@ -179,15 +182,16 @@ def test_breadcrumbs_hand_example():
     assert torch.equal(got, torch.tensor([0.0, 0.0, 0.0, 2.0, 0.0, 1.0, 0.0, -0.4, 0.6, 3.0]))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,density,gamma", [((37,), 0.3, 0.05), ((11, 13), 0.9, 0.2), ((5, 64), 0.5, 0.0),
                                                  ((1,), 0.0, 0.5)])
 @pytest.mark.parametrize("norm", [None, "l2"])
-def test_breadcrumbs_kernel_matches_reference(dtype, shape, density, gamma, norm):
+def test_breadcrumbs_kernel_matches_reference(backend, dtype, shape, density, gamma, norm):
     t = torch.randn(shape, device=KERNEL_DEVICE).to(dtype)
     expected = magnitude_outliers(t, density, gamma, rescale_norm=norm, backend="reference")
     _poison_allocator(t)
-    got = magnitude_outliers(t, density, gamma, rescale_norm=norm, backend="triton")
+    got = magnitude_outliers(t, density, gamma, rescale_norm=norm, backend=backend)
     if norm is None:
         assert torch.equal(got, expected)
     else:
@@ -195,43 +199,46 @@ def test_breadcrumbs_kernel_matches_reference(dtype, shape, density, gamma, norm
         assert_rel_close(got, expected, RTOL[dtype], "rescaled breadcrumbs")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 # ---------------------------------------------------------------- kernels against the reference
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", DETERMINISTIC)
 @pytest.mark.parametrize("shape,n_models", [((7, 13), 1), ((33, 5), 2), ((3, 129), 3), ((257,), 4),
                                             ((3, 3001), 3)])  # several blocks and sub-tiles: tie runs carry over
-def test_kernel_matches_reference_deterministic(dtype, method, shape, n_models):
+def test_kernel_matches_reference_deterministic(backend, dtype, method, shape, n_models):
     base, ts = _models(shape, n_models, dtype, KERNEL_DEVICE)
     kw = dict(method=method, density=[0.3, 0.5, 0.7, 0.9][:n_models], gamma=0.04, lambda_=1.2)
     w = [0.5, 1.0, -0.3, 0.8][:n_models]
     expected = se.merge_task_vectors(base, ts, w, backend="reference", **kw)
     _poison_allocator(base)
-    got = se.merge_task_vectors(base, ts, w, backend="triton", **kw)
+    got = se.merge_task_vectors(base, ts, w, backend=backend, **kw)
     assert got.dtype == dtype and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
-def test_kernel_matches_reference_heavy_ties(dtype, method):
+def test_kernel_matches_reference_heavy_ties(backend, dtype, method):
     """Integer deltas: every band edge falls inside a long run of equal magnitudes spread over several
     blocks, so the selected edge key, the count of ties before it and the per-block tie ranks all matter."""
     base = torch.randn(3, 5000, device=KERNEL_DEVICE).to(dtype)
     ts = [(base.float() + torch.randint(-3, 4, (3, 5000), device=KERNEL_DEVICE)).to(dtype) for _ in range(3)]
     kw = dict(method=method, density=[0.3, 0.55, 0.8], gamma=0.1)
     expected = se.merge_task_vectors(base, ts, [1.0, 0.5, 0.7], backend="reference", **kw)
-    got = se.merge_task_vectors(base, ts, [1.0, 0.5, 0.7], backend="triton", **kw)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.5, 0.7], backend=backend, **kw)
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rescale", [True, "l2", "linf"])
 @pytest.mark.parametrize("consensus", [None, "count"])
-def test_kernel_matches_reference_rescale_and_count(dtype, rescale, consensus):
+def test_kernel_matches_reference_rescale_and_count(backend, dtype, rescale, consensus):
     base, ts = _models((19, 21), 3, dtype, KERNEL_DEVICE)
     kw = dict(method="ties", density=0.4, rescale=rescale, consensus=consensus)
     expected = se.merge_task_vectors(base, ts, [1.0, 0.7, 0.4], backend="reference", **kw)
-    got = se.merge_task_vectors(base, ts, [1.0, 0.7, 0.4], backend="triton", **kw)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.7, 0.4], backend=backend, **kw)
     # the norms are summed in another order: the rescaled deltas may differ in the last bit
     assert_rel_close(got, expected, RTOL[dtype], f"ties rescale={rescale}")
 
@@ -248,13 +255,14 @@ def test_rescale_past_fp16_range_stays_finite(backend):
     assert_rel_close(out.float(), expected, RTOL[torch.float16], "fp16 l1 rescale past 65504")
 
 
-def test_kernel_mixed_input_dtype_and_empty():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_mixed_input_dtype_and_empty(backend):
     base = torch.randn(5, 6, device=KERNEL_DEVICE)
     ts = [torch.randn(5, 6, device=KERNEL_DEVICE).to(torch.bfloat16)]
     expected = se.merge_task_vectors(base, ts, [1.0], method="ties", density=0.5, backend="reference")
-    assert torch.equal(se.merge_task_vectors(base, ts, [1.0], method="ties", density=0.5, backend="triton"), expected)
+    assert torch.equal(se.merge_task_vectors(base, ts, [1.0], method="ties", density=0.5, backend=backend), expected)
     empty = torch.empty(0, 4, device=KERNEL_DEVICE)
-    assert se.merge_task_vectors(empty, [empty], [1.0], method="ties", density=0.5, backend="triton").shape == (0, 4)
+    assert se.merge_task_vectors(empty, [empty], [1.0], method="ties", density=0.5, backend=backend).shape == (0, 4)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy sees inf * 0
@@ -395,14 +403,36 @@ def test_merge_bad_tensors():
 # ---------------------------------------------------------------- GPU, real sizes
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", DETERMINISTIC)
-def test_cuda_real_size_matches_reference(method):
-    base, ts = _models((4096, 4096), 3, torch.bfloat16, "cuda", scale=0.01)
+def test_cuda_real_size_matches_reference(backend, dtype, method):
+    base, ts = _models((4096, 4096), 3, dtype, "cuda", scale=0.01)
     kw = dict(method=method, density=0.3, gamma=0.01)
     expected = se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], backend="reference", **kw)
     _poison_allocator(base)
-    got = se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], backend="triton", **kw)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], backend=backend, **kw)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_cuda_select_heavy_ties_many_chunks(monkeypatch, dtype, method):
+    """The CUDA select with its tie-locating chunks small (thousands of chunks), integer deltas (every edge
+    inside a long run of equal magnitudes), one model whose deltas are all zero, and eight models (16 rows)."""
+    from sparsity_engine.ops.masks import cuda as mc
+    monkeypatch.setattr(mc, "SELECT_CHUNK", 64)
+    base = torch.randn(301, 999, device="cuda").to(dtype)
+    ts = [(base.float() + torch.randint(-3, 4, base.shape, device="cuda")).to(dtype) for _ in range(7)] + [base]
+    w = [1.0, 0.5, 0.7, -0.2, 0.9, 0.3, 1.1, 0.4]
+    kw = dict(method=method, density=[0.05, 0.3, 0.55, 0.8, 0.95, 0.5, 0.01, 0.6], gamma=0.1)
+    got = se.merge_task_vectors(base, ts, w, backend="cuda", **kw)
+    # same fused pass, the Triton select: the edges must agree exactly
+    assert torch.equal(got, se.merge_task_vectors(base, ts, w, backend="triton", **kw))
+    if dtype != torch.float32:
+        # fp32 sums of eight models differ from torch's reduction order in the last bit (see the merge kernel)
+        assert torch.equal(got, se.merge_task_vectors(base, ts, w, backend="reference", **kw))
 
 
 @pytest.mark.cuda

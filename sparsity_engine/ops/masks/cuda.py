@@ -1,8 +1,9 @@
-"""CUDA backend of the mask ops: thin wrappers over csrc/masks.cu (N:M) and csrc/masks_della.cu (DELLA ranks),
-built by sparsity_engine._ext. Each DELLA row is ranked by one thread block, never by a global sort."""
+"""CUDA backend of the mask ops: thin wrappers over csrc/masks.cu (N:M), csrc/masks_della.cu (DELLA ranks) and
+csrc/select.cu (exact whole-tensor top-k edges by radix select, also the merge family's magnitude bands), built
+by sparsity_engine._ext. Each DELLA row is ranked by one thread block, never by a global sort."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -75,3 +76,97 @@ def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm
     kept = masks_triton.keep_with_probabilities(x, della_probabilities(x, density, epsilon),
                                                 masks_triton.draw_seed(generator))
     return reference.rescale_masked(t, kept.view(t.shape), rescale_norm)
+
+
+# ---------------------------------------------------------------- whole-tensor top-k edges (csrc/select.cu)
+
+# Entries per chunk of the select's last pass (the tie-locating granularity; per-chunk counts cost rows x
+# chunks x 1 KiB). A module attribute so tests can force many chunks on small tensors.
+SELECT_CHUNK = 16384
+SELECT_MAX_CHUNKS = 8192
+# passes (from the first) whose lanes merge equal bins (__match_any_sync) before their shared atomics: the
+# first digit of a magnitude key is its exponent, which few values share; module attribute for measuring
+SELECT_AGG_PASSES = 1
+MAX_INPUTS, MAX_ROWS = 8, 16  # csrc/select.cu kMaxInputs, kMaxRows
+MAGNITUDE, ORDER = 0, 1
+
+
+def _select_chunk(n: int) -> int:
+    chunk = SELECT_CHUNK
+    while -(-n // chunk) > SELECT_MAX_CHUNKS:
+        chunk *= 2
+    return chunk
+
+
+def select_edges(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], rows: Sequence[Tuple[int, int, bool, int]],
+                 *, mode: int, out_k: torch.Tensor, out_j: torch.Tensor, k_shift: int) -> None:
+    """Band edges over whole tensors by radix select, written on the device (nothing is read back).
+
+    inputs: up to 8 contiguous tensors of one float dtype and n < 2**31 entries; base: None or like them (keys
+    of t - base, rounded to the dtype, for mode MAGNITUDE). rows: (input, p, later_first, slot) with
+    1 <= p < n: the entry at 1-based position p of the order (key descending, equal keys by flat index
+    ascending, or descending with later_first). Writes, at out_k[slot] / out_j[slot] (int32), K >> k_shift and
+    the flat index J such that entry e is among the first p iff key > K, or key == K and e < J (e >= J with
+    later_first). MAGNITUDE keys are |d|'s bits (16-bit dtypes shifted up by 16), ORDER keys the
+    values' bits mapped to unsigned order (-0.0 as +0.0).
+    """
+    ext = load_extension()
+    x0 = inputs[0]
+    n, dev = x0.numel(), x0.device
+    chunk = _select_chunk(n)
+    nchunks = -(-n // chunk)
+    state = torch.empty((len(rows), 4), dtype=torch.int64, device=dev)
+    hist = torch.zeros((len(rows), 256), dtype=torch.int32, device=dev)
+    counts = torch.empty((len(rows), nchunks, 256), dtype=torch.int32, device=dev)
+    ext.select_edges([t.data_ptr() for t in inputs], base.data_ptr() if base is not None else 0, n,
+                     [r[0] for r in rows], [r[1] for r in rows], [int(r[2]) for r in rows], [r[3] for r in rows], mode,
+                     dtype_code(x0.dtype), state.data_ptr(), hist.data_ptr(), counts.data_ptr(), chunk,
+                     out_k.data_ptr(), out_j.data_ptr(), k_shift, SELECT_AGG_PASSES, stream_ptr(x0))
+
+
+def _select_supports(t: torch.Tensor, k: int, *rest) -> List[str]:
+    reasons = []
+    if t.dtype not in _DTYPES:
+        reasons.append(f"dtype {str(t.dtype).replace('torch.', '')} is not supported by the CUDA select kernel "
+                       "(float32, float16, bfloat16 are)")
+    if t.numel() >= 2**31:
+        reasons.append(f"{t.numel()} elements exceed the CUDA select kernel's 2**31 - 1 limit")
+    return reasons
+
+
+def _topk_supports(scores: torch.Tensor, k: int, dim) -> List[str]:
+    reasons = _select_supports(scores, k)
+    if dim is not None:
+        reasons.append("the CUDA select kernel ranks whole tensors (dim=None); per-slice top-k is the Triton "
+                       "backend's")
+    return reasons
+
+
+def _select_whole(x: torch.Tensor, k: int, *, mode: int, values: bool) -> torch.Tensor:
+    """x flat contiguous, 1 <= k < n: keep the k largest keys (ties to the lower index); int8 mask or values."""
+    edge = torch.empty(2, dtype=torch.int32, device=x.device)
+    select_edges([x], None, [(0, k, False, 0)], mode=mode, out_k=edge[:1], out_j=edge[1:], k_shift=0)
+    out = torch.empty(x.shape, dtype=x.dtype if values else torch.int8, device=x.device)
+    load_extension().select_write(x.data_ptr(), out.data_ptr(), x.numel(), mode, int(values), dtype_code(x.dtype),
+                                  edge[:1].data_ptr(), edge[1:].data_ptr(), stream_ptr(x))
+    return out
+
+
+@register("topk_mask", "cuda", supports=_topk_supports)
+def topk_mask(scores: torch.Tensor, k: int, dim) -> torch.Tensor:
+    flat = scores.contiguous().view(-1)
+    if k == 0 or k >= flat.numel():
+        return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
+    return _select_whole(flat, k, mode=ORDER, values=False).view(torch.bool).view(scores.shape)
+
+
+@register("magnitude_prune", "cuda", supports=_select_supports)
+def magnitude_prune(t: torch.Tensor, k: int, rescale_norm) -> torch.Tensor:
+    flat = t.contiguous().view(-1)
+    if k >= flat.numel():
+        masked = flat.clone()
+    elif k == 0:
+        masked = torch.zeros_like(flat)
+    else:
+        masked = _select_whole(flat, k, mode=MAGNITUDE, values=True)
+    return reference.rescale_masked(t, masked.view(t.shape), rescale_norm)

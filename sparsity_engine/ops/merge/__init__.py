@@ -15,6 +15,7 @@ from ..._validate import FLOAT_DTYPES, check_choice, check_finite, check_fractio
 from . import reference  # noqa: F401  (registers the oracle)
 
 import_backend(__name__, "triton")
+import_backend(__name__, "cuda")
 
 
 class MethodSpec(NamedTuple):

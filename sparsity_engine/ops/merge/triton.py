@@ -4,10 +4,13 @@ One merged tensor costs these passes over base + the N fine-tuned tensors (never
 inputs are N pointer arguments, so each pass reads every input once):
 
 * magnitude / breadcrumbs: a most-significant-digit radix select per model for the band of kept positions
-  in the (|delta| descending, flat index ascending) order: per-block histograms of the |delta| bit patterns
-  (5 bits a pass for fp16/bf16, i.e. 3 passes; 8 bits for fp32, 4 passes), every model and both band edges
-  in the same pass, no atomics. The last pass's per-block counts of the edge key give, by a prefix sum,
-  the rank of every tie, so the fused pass keeps exactly the reference's entries with no extra read.
+  in the (|delta| descending, flat index ascending) order, every model and both band edges in the same
+  pass. Each edge becomes (K, J): an entry is before it iff its key > K, or key == K and its flat index
+  < J, so the fused pass keeps exactly the reference's entries with two compares. The CUDA backend
+  (cuda.py) finds the edges with csrc/select.cu (8-bit digits, shared-memory histograms: 2 passes for
+  16-bit floats, 4 for fp32, no host round trip); this module's own select is per-block histograms of
+  5-bit digits (3 passes for fp16/bf16, 8-bit digits and 4 passes for fp32), summed by torch, and J from
+  the last pass's per-block counts of K plus one block scanned by torch.
 * random (DARE): no pre-pass; one Philox call per entry gives four 32-bit words (models 0-3; a second seed
   for 4-7), keep = word / 2**32 < density_i: depends on the seed and the flat index only, never on the
   launch configuration.
@@ -21,7 +24,9 @@ keeps registers per thread low (40-90 for bf16, no spills) and many warps in fli
 
 Arithmetic is fp32 with a rounding to the base dtype wherever mergekit's torch code stores an intermediate
 (delta, sparsified delta, weighted delta, sums, quotient), so results match the reference to the last bit
-except for the order in which the rescale norms are summed.
+except for the order in which the rescale norms are summed and, for fp32 with more than four models, the
+order in which torch's reduction adds the models (the kernel adds them in model order; fp16 / bf16 results
+round the sums to the dtype, which hides it in the tests).
 """
 from __future__ import annotations
 
@@ -110,42 +115,33 @@ def _key(d):
 
 
 @triton.jit
-def _before(key, row: tl.constexpr, k_ptr, t_ptr, run, rows, RANKS: tl.constexpr, LATER_FIRST: tl.constexpr):
+def _before(key, idx, row: tl.constexpr, k_ptr, j_ptr, LATER_FIRST: tl.constexpr):
     """Is the entry before band edge ``row`` (= 2 * model + edge) in the order |d| descending, equal keys by
-    index ascending (or descending with LATER_FIRST: then T counts the equal entries *not* before the edge)?
-    ``run`` [RP] holds, per edge, the entries equal to its key met before this sub-tile; returns it updated."""
+    index ascending (or descending with LATER_FIRST)? The edge is (K, J): key > K, or key == K and the flat
+    index is below J (at or above J with LATER_FIRST)."""
     K = tl.load(k_ptr + row)
-    T = tl.load(t_ptr + row)
-    tie = key == K
-    if RANKS:
-        t32 = tie.to(tl.int32)
-        seen = tl.sum(tl.where(rows == row, run, 0), 0)
-        rank = tl.cumsum(t32, 0) - t32 + seen
-        run = tl.where(rows == row, run + tl.sum(t32, 0), run)
-    else:
-        rank = tl.zeros_like(key)
+    J = tl.load(j_ptr + row)
     if LATER_FIRST:
-        before = (key > K) | (tie & (rank >= T))
+        later = idx >= J
     else:
-        before = (key > K) | (tie & (rank < T))
-    return before, run
+        later = idx < J
+    return (key > K) | ((key == K) & later)
 
 
 @triton.jit
-def _keep(d, i: tl.constexpr, k_ptr, t_ptr, run, rows, dens_ptr, rnd, SPARS: tl.constexpr, NEED_TIES: tl.constexpr):
-    """Model i's keep mask: band of magnitude ranks (1), Bernoulli(density_i) from the random word (2), all.
-    Returns (keep, run) with the tie counters of the band edges updated."""
+def _keep(d, idx, i: tl.constexpr, k_ptr, j_ptr, dens_ptr, rnd, SPARS: tl.constexpr, LATER_FIRST: tl.constexpr):
+    """Model i's keep mask: band of magnitude ranks (1), Bernoulli(density_i) from the random word (2), all."""
     if SPARS == 1:
         key = _key(d)
-        hi, run = _before(key, 2 * i + 1, k_ptr, t_ptr, run, rows, (NEED_TIES & 2) != 0, (NEED_TIES & 4) != 0)
-        lo, run = _before(key, 2 * i, k_ptr, t_ptr, run, rows, (NEED_TIES & 1) != 0, (NEED_TIES & 4) != 0)
+        hi = _before(key, idx, 2 * i + 1, k_ptr, j_ptr, LATER_FIRST)
+        lo = _before(key, idx, 2 * i, k_ptr, j_ptr, LATER_FIRST)
         keep = hi & (lo.to(tl.int32) == 0)
     elif SPARS == 2:
         u = (rnd >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits: a uniform in [0, 1)
         keep = u < tl.load(dens_ptr + i)
     else:
         keep = rnd == rnd
-    return keep, run
+    return keep
 
 
 @triton.jit
@@ -196,22 +192,17 @@ def _hist_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, n, prefix_ptr, out_pt
 
 @triton.jit
 def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, scale_ptr, dens_ptr, seed_ptr,
-                  k_ptr, t_ptr, tpre_ptr, nblocks, norm_ptr, flag_ptr, lam,
-                  N: tl.constexpr, HAS_BASE: tl.constexpr, SPARS: tl.constexpr, NEED_TIES: tl.constexpr,
+                  k_ptr, j_ptr, norm_ptr, flag_ptr, lam,
+                  N: tl.constexpr, HAS_BASE: tl.constexpr, SPARS: tl.constexpr, LATER_FIRST: tl.constexpr,
                   CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, RESCALE: tl.constexpr,
                   APPLY_LAMBDA: tl.constexpr, PHASE: tl.constexpr, TB: tl.constexpr, SUB: tl.constexpr,
-                  RP: tl.constexpr, NP: tl.constexpr):
+                  NP: tl.constexpr):
     """One program per block of TB entries, walked in sub-tiles of SUB (few registers, many warps in flight).
-    PHASE 0: accumulate per-model norms before / after the mask into norm_ptr [N, 2].
+    PHASE 0: per-model norms before / after the mask of this block into norm_ptr [nblocks, 2, NP].
     PHASE 1: the fused merge, writing out; flag_ptr[0] = 1 if any input holds NaN/Inf."""
     pid = tl.program_id(0)
     DT = out_ptr.dtype.element_ty
-    rows = tl.arange(0, RP)
     models = tl.arange(0, NP)
-    run = tl.zeros((RP,), dtype=tl.int32)
-    if (NEED_TIES & 3) != 0:
-        # entries equal to each band edge's key in the blocks before this one
-        run = tl.load(tpre_ptr + rows * nblocks + pid, mask=rows < 2 * N, other=0)
     norm_before = tl.zeros((NP,), dtype=tl.float32)
     norm_after = tl.zeros((NP,), dtype=tl.float32)
     nonfinite = tl.zeros((SUB,), dtype=tl.float32)
@@ -239,8 +230,8 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
             if PHASE == 0:
                 for i in tl.static_range(N):
                     _, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, SPARS == 3)
-                    keep, run = _keep(d, i, k_ptr, t_ptr, run, rows, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
-                                      SPARS, NEED_TIES)
+                    keep = _keep(d, idx, i, k_ptr, j_ptr, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
+                                 SPARS, LATER_FIRST)
                     before = _norm_terms(d.to(tl.float32), RESCALE)
                     after = tl.where(keep, before, 0.0)
                     if RESCALE == 3:
@@ -268,8 +259,8 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                 for i in tl.static_range(N):
                     x, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, SPARS == 3)
                     nonfinite += tl.where(m, x.to(tl.float32) * 0.0, 0.0)
-                    keep, run = _keep(d, i, k_ptr, t_ptr, run, rows, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
-                                      SPARS, NEED_TIES)
+                    keep = _keep(d, idx, i, k_ptr, j_ptr, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
+                                 SPARS, LATER_FIRST)
                     sd = tl.where(keep, d.to(tl.float32), 0.0)
                     if RESCALE != 0:
                         sd = _rnd(sd * tl.load(scale_ptr + i), DT)
@@ -318,12 +309,10 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                     mixed = _rnd(mixed * lam, DT)
                 tl.store(out_ptr + idx, _rnd(b + mixed, DT).to(DT), mask=m)
     if PHASE == 0:
-        if RESCALE == 3:
-            tl.atomic_max(norm_ptr + models * 2, norm_before, mask=models < N)
-            tl.atomic_max(norm_ptr + models * 2 + 1, norm_after, mask=models < N)
-        else:
-            tl.atomic_add(norm_ptr + models * 2, norm_before, mask=models < N)
-            tl.atomic_add(norm_ptr + models * 2 + 1, norm_after, mask=models < N)
+        # per-block partial norms, reduced by the host in a fixed order: deterministic, and no contention on
+        # 2N addresses from every block (atomics there made this pass ~4x slower than a read)
+        tl.store(norm_ptr + (pid * 2) * NP + models, norm_before)
+        tl.store(norm_ptr + (pid * 2 + 1) * NP + models, norm_after)
     else:
         bad = tl.sum(nonfinite, 0) != 0
         tl.atomic_max(flag_ptr, 1, mask=bad)
@@ -361,22 +350,21 @@ class _Plan:
         self.device = tensors[0].device
         self.ptrs = list(tensors) + [tensors[0]] * (MAX_MODELS - self.N)  # unused slots point at model 0
         self.nblocks = triton.cdiv(self.n, TB)
-        # per-model parameters live on the host until a launch packs them into two small device tensors
+        # per-model parameters live on the host until a launch packs them into two small device tensors;
+        # band edge 2 * i + j of model i (j = 0: lo, 1: hi) is (K, J), see _before
         self.K = [INT_MAX] * (2 * self.N)
-        self.T = [0] * (2 * self.N)
+        self.J = [0] * (2 * self.N)
         self.dens = [1.0] * self.N
         self.seeds = [0, 0]
         self.weights = [1.0] * self.N
         self.scale = None  # device tensor [N] once rescaled
-        self.tpre = None
-        self.need_ties = 0  # bit j: some model's band edge j needs tie ranks; bit 2: ties later-index first
         self.later_first = False
         self._packed = None
 
     def _pack(self):
         if self._packed is None:
             f32 = torch.tensor(self.weights + self.dens + [1.0] * self.N, dtype=torch.float32).to(self.device)
-            i32 = torch.tensor(self.K + self.T + self.seeds, dtype=torch.int32).to(self.device)
+            i32 = torch.tensor(self.K + self.J + self.seeds, dtype=torch.int32).to(self.device)
             self._packed = (f32, i32)
         return self._packed
 
@@ -390,31 +378,53 @@ class _Plan:
         return self.base if self.base is not None else self.tensors[0]
 
     # -- band selection (magnitude, breadcrumbs)
-    def select_bands(self, bands: List[Optional[tuple]], *, later_first: bool = False) -> None:
+    def select_bands(self, bands: List[Optional[tuple]], *, later_first: bool = False, selector: str = "triton") -> None:
         """bands[i] = (lo, hi) kept positions of model i in descending-magnitude order, or None (keep all).
         Equal magnitudes are ordered by flat index, ascending (magnitude) or descending (``later_first``,
-        breadcrumbs), as reference.descending_rank."""
+        breadcrumbs), as reference.descending_rank. selector 'cuda': the edges are found by csrc/select.cu
+        and written into the packed parameters on the device; 'triton': by _hist_kernel passes here."""
         n = self.n
         self.later_first = later_first
         targets = []  # per (model, edge): the edge position p, or None when it needs no search
         for i, band in enumerate(bands):
             lo, hi = band if band is not None else (0, n)
             for j, p in enumerate((lo, hi)):
-                if p <= 0:
-                    targets.append(None)            # nothing before the edge (K stays INT_MAX)
-                elif p >= n:
-                    self.K[2 * i + j] = -1          # everything before the edge
+                r = 2 * i + j
+                if p <= 0:                          # nothing before the edge
+                    self.K[r], self.J[r] = INT_MAX, n if later_first else 0
+                    targets.append(None)
+                elif p >= n:                        # everything before the edge
+                    self.K[r] = -1
                     targets.append(None)
                 else:
                     targets.append(p)
-        if any(t is not None for t in targets):
-            self._radix_select(targets)
         self._packed = None
+        if not any(t is not None for t in targets):
+            return
+        if selector == "cuda":
+            from ..masks import cuda as masks_cuda
+
+            _, i32 = self._pack()
+            rows = [(r // 2, p, later_first, r) for r, p in enumerate(targets) if p is not None]
+            masks_cuda.select_edges(self.tensors, self.base, rows, mode=masks_cuda.MAGNITUDE,
+                                    out_k=i32[:2 * self.N], out_j=i32[2 * self.N:4 * self.N],
+                                    k_shift=0 if self.tensors[0].dtype == torch.float32 else 16)
+        else:
+            self._radix_select(targets)
+
+    def _keys(self, i: int, lo: int, hi: int) -> torch.Tensor:
+        """The magnitude keys (as _key) of model i's deltas at flat indices lo .. hi (int32, torch)."""
+        t = self.tensors[i].reshape(-1)[lo:hi]
+        d = t if self.base is None else t - self.base.reshape(-1)[lo:hi]  # rounded to the dtype, as the kernel
+        if d.dtype == torch.float32:
+            return d.view(torch.int32) & 0x7FFFFFFF
+        return d.view(torch.int16).to(torch.int32) & 0x7FFF
 
     def _radix_select(self, targets) -> None:
-        """Per searching edge: the key K of the p-th largest |delta| and how many entries equal to K are
-        before the edge (T), by most-significant-digit radix select over the key bits. The digit of each
-        pass is chosen on the device (no host round trip between passes); the host reads the result once."""
+        """Per searching edge: the key K of the p-th largest |delta|, by most-significant-digit radix select over
+        the key bits (the digit of each pass chosen on the device), then the index J that splits K's ties: the
+        last pass's per-block counts of K give the block holding the tie at the edge, and a torch scan of that
+        one block gives its index."""
         if self.tensors[0].dtype == torch.float32:
             width, shifts = 8, [24, 16, 8, 0]
         else:
@@ -438,59 +448,52 @@ class _Plan:
             search = prefix >= 0
             remaining = torch.where(search, remaining - passed, remaining)
             prefix = torch.where(search, (prefix << width) | digit.to(torch.int32), prefix)
-        ties_dev = h.gather(1, (prefix & (bins - 1)).long()[:, None])[:, 0]  # count of the last digit
-        prefix_h, remaining_h, ties_h = (v.tolist() for v in torch.stack(
-            [prefix.long(), remaining, ties_dev]).cpu())
-        tie_rows, digits = [], []
+        last = (prefix & (bins - 1)).long().clamp(min=0)
+        ties_dev = h.gather(1, last[:, None])[:, 0]            # count of the edge key
+        # per block, the entries equal to the edge key (matching prefix and last digit), cumulated
+        cum = per_block.gather(2, last[:, None, None].expand(rows, self.nblocks, 1))[:, :, 0].cumsum(1)
+        prefix_h, remaining_h, ties_h = (v.tolist() for v in torch.stack([prefix.long(), remaining, ties_dev]).cpu())
         for r in range(rows):
             if targets[r] is None:
                 continue
             ties, rem = int(ties_h[r]), int(remaining_h[r])
             self.K[r] = int(prefix_h[r])
-            if rem >= ties:
-                # the whole run of equal keys is before the edge
-                self.T[r] = 0 if self.later_first else INT_MAX
-            else:
-                # before: the first `remaining` equal keys in index order, or the last ones with later_first
-                self.T[r] = int(ties - rem) if self.later_first else rem
-                self.need_ties |= 1 << (r % 2)
-                tie_rows.append(r)
-                digits.append(int(prefix_h[r]) & (bins - 1))
-        if self.later_first:
-            self.need_ties |= 4  # tells the kernel how T reads, ranks needed or not
-        if tie_rows:
-            # tie ranks: entries equal to K in earlier blocks, from the last pass's per-block counts
-            r_idx = torch.tensor(tie_rows, device=dev)
-            d_idx = torch.tensor(digits, device=dev)
-            counts = per_block[r_idx, :, d_idx]
-            tpre = torch.zeros((rows, self.nblocks), dtype=torch.int32, device=dev)
-            tpre[r_idx] = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts)
-            self.tpre = tpre
+            j = ties - rem if self.later_first else rem   # the j-th equal key (0-based, index order) splits them
+            if j >= ties:
+                self.J[r] = self.n
+                continue
+            blk = int(torch.searchsorted(cum[r], j, right=True))
+            before = int(cum[r, blk - 1]) if blk > 0 else 0
+            lo = blk * TB
+            hits = torch.nonzero(self._keys(r // 2, lo, min(self.n, lo + TB)) == self.K[r])[:, 0]
+            self.J[r] = lo + int(hits[j - before])
 
     # -- the fused passes
     def launch(self, out, *, spars, consensus, normalize, rescale_norm, lambda_, phase, norms=None, flags=None):
         f32, i32 = self._pack()
         N = self.N
         w, dens, ones = f32[:N], f32[N:2 * N], f32[2 * N:]
-        K, T, seeds = i32[:2 * N], i32[2 * N:4 * N], i32[4 * N:]
+        K, J, seeds = i32[:2 * N], i32[2 * N:4 * N], i32[4 * N:]
         scale = self.scale if self.scale is not None else ones
-        tpre = self.tpre if self.tpre is not None else i32
         _merge_kernel[(self.nblocks,)](
             *self.ptrs, self.base_ptr, out if out is not None else self.tensors[0], self.n,
-            w, scale, dens, seeds, K, T, tpre, self.nblocks,
+            w, scale, dens, seeds, K, J,
             norms if norms is not None else ones, flags if flags is not None else i32, float(lambda_),
-            N=N, HAS_BASE=self.base is not None, SPARS=spars, NEED_TIES=self.need_ties,
+            N=N, HAS_BASE=self.base is not None, SPARS=spars, LATER_FIRST=self.later_first,
             CONSENSUS={None: 0, "sum": 1, "count": 2}[consensus], NORMALIZE=bool(normalize),
             RESCALE=NORM_CODE[rescale_norm], APPLY_LAMBDA=lambda_ != 1, PHASE=phase, TB=TB, SUB=SUB,
-            RP=triton.next_power_of_2(2 * N), NP=triton.next_power_of_2(N), num_warps=NUM_WARPS,
+            NP=triton.next_power_of_2(N), num_warps=NUM_WARPS,
             # IEEE fp32 as torch computes it: no mul+add contraction into FMA (bit-identical results)
             enable_fp_fusion=False)
 
     def rescale(self, spars, rescale_norm, active: List[bool]) -> None:
         """scale_i = norm(delta_i) / norm(masked delta_i), rounded like mergekit's 0-d tensors; 1 where no rescale."""
-        norms = torch.zeros((self.N, 2), dtype=torch.float32, device=self.device)
+        NP = triton.next_power_of_2(self.N)
+        parts = torch.empty((self.nblocks, 2, NP), dtype=torch.float32, device=self.device)
         self.launch(None, spars=spars, consensus=None, normalize=False, rescale_norm=rescale_norm,
-                    lambda_=1.0, phase=0, norms=norms)
+                    lambda_=1.0, phase=0, norms=parts)
+        parts = parts[:, :, :self.N]
+        norms = (parts.amax(0) if rescale_norm == "linf" else parts.sum(0)).t()  # [N, 2]: before, after
         if rescale_norm == "l2":
             norms = norms.sqrt()
         dt = self.tensors[0].dtype
@@ -539,8 +542,14 @@ def _merge_supports(base, tensors, weights, **kwargs):
 
 
 @register("merge_task_vectors", "triton", supports=_merge_supports)
-def merge_task_vectors(base, tensors, weights, *, spars, consensus, densities, epsilons, gammas, lambda_,
-                       normalize, rescale_norm, generator=None):
+def merge_task_vectors(base, tensors, weights, **kwargs):
+    return merge_with_selector(base, tensors, weights, selector="triton", **kwargs)
+
+
+def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, epsilons, gammas, lambda_,
+                        normalize, rescale_norm, generator=None, selector="triton"):
+    """The fused merge, with the band edges of magnitude / breadcrumbs found by ``selector`` ('triton' or
+    'cuda', see _Plan.select_bands); everything else is the same kernels."""
     dtype = base.dtype
     base = base.contiguous()
     ts = [t.to(dtype).contiguous() for t in tensors]
@@ -572,7 +581,7 @@ def merge_task_vectors(base, tensors, weights, *, spars, consensus, densities, e
                 bands.append((0, int(densities[i] * n)))
             else:
                 bands.append(ref.breadcrumbs_band(n, densities[i], gammas[i]))
-        plan.select_bands(bands, later_first=spars == "magnitude_outliers")
+        plan.select_bands(bands, later_first=spars == "magnitude_outliers", selector=selector)
     elif mode == SPARS_RANDOM:
         plan.set(dens=[d if a else 1.0 for d, a in zip(densities, active)])
         # seeds from the caller's generator, else torch's default CPU one (torch.manual_seed reproduces a merge)
@@ -590,6 +599,11 @@ def merge_task_vectors(base, tensors, weights, *, spars, consensus, densities, e
 
 @register("magnitude_outliers", "triton")
 def magnitude_outliers(t, density, gamma, rescale_norm=None):
+    return outliers_with_selector(t, density, gamma, rescale_norm, selector="triton")
+
+
+def outliers_with_selector(t, density, gamma, rescale_norm=None, selector="triton"):
+    """Breadcrumbs' band of one tensor, its edges found by ``selector`` (see _Plan.select_bands)."""
     if density >= 1:
         return t
     x = t.contiguous()
@@ -597,7 +611,7 @@ def magnitude_outliers(t, density, gamma, rescale_norm=None):
     if x.numel() == 0:
         return out
     plan = _Plan(None, [x])
-    plan.select_bands([ref.breadcrumbs_band(x.numel(), density, gamma)], later_first=True)
+    plan.select_bands([ref.breadcrumbs_band(x.numel(), density, gamma)], later_first=True, selector=selector)
     if rescale_norm is not None:
         plan.rescale(SPARS_BAND, rescale_norm, [True])
     flags = torch.zeros(1, dtype=torch.int32, device=x.device)
