@@ -12,7 +12,7 @@ void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t 
                   const std::vector<int64_t>& row_rank, const std::vector<int>& row_later_first,
                   const std::vector<int>& row_slot, int mode, int dtype,
                   uintptr_t state, uintptr_t hist, uintptr_t chunk_counts, int64_t chunk, uintptr_t out_k,
-                  uintptr_t out_j, int k_shift, int agg_passes, uintptr_t stream);
+                  uintptr_t out_j, int k_shift, uintptr_t stream);
 void select_write(uintptr_t x, uintptr_t out, int64_t n, int mode, int values, int dtype, uintptr_t edge_k,
                   uintptr_t edge_j, uintptr_t stream);
 
@@ -23,8 +23,7 @@ SE_BINDINGS(select) {
         "and J to out_k / out_j (int32) at the row's slot. args: input ptrs, base ptr (0: none), n, row_input, "
         "row_rank, row_later_first, row_slot, mode (0 magnitude, 1 order), dtype code, state ptr (int64 "
         "[rows, 4], scratch), hist ptr (uint32 [rows, 256], zeroed), chunk_counts ptr (uint32 [rows, nchunks, 256]), "
-        "chunk, out_k ptr, out_j ptr, k_shift, agg_passes (the first passes whose lanes merge equal bins before "
-        "their atomics), stream");
+        "chunk, out_k ptr, out_j ptr, k_shift, stream");
   m.def("select_write", &select_write,
         "Write one edge's mask (int8) or masked values: keep = key > K or (key == K and index < J); args: x ptr, "
         "out ptr, n, mode, values (0/1), dtype code, K ptr (int32), J ptr (int32), stream");

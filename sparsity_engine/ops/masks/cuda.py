@@ -84,9 +84,6 @@ def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm
 # chunks x 1 KiB). A module attribute so tests can force many chunks on small tensors.
 SELECT_CHUNK = 16384
 SELECT_MAX_CHUNKS = 8192
-# passes (from the first) whose lanes merge equal bins (__match_any_sync) before their shared atomics: the
-# first digit of a magnitude key is its exponent, which few values share; module attribute for measuring
-SELECT_AGG_PASSES = 1
 MAX_INPUTS, MAX_ROWS = 8, 16  # csrc/select.cu kMaxInputs, kMaxRows
 MAGNITUDE, ORDER = 0, 1
 
@@ -121,7 +118,7 @@ def select_edges(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], r
     ext.select_edges([t.data_ptr() for t in inputs], base.data_ptr() if base is not None else 0, n,
                      [r[0] for r in rows], [r[1] for r in rows], [int(r[2]) for r in rows], [r[3] for r in rows], mode,
                      dtype_code(x0.dtype), state.data_ptr(), hist.data_ptr(), counts.data_ptr(), chunk,
-                     out_k.data_ptr(), out_j.data_ptr(), k_shift, SELECT_AGG_PASSES, stream_ptr(x0))
+                     out_k.data_ptr(), out_j.data_ptr(), k_shift, stream_ptr(x0))
 
 
 def _select_supports(t: torch.Tensor, k: int, *rest) -> List[str]:

@@ -203,8 +203,10 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
     pid = tl.program_id(0)
     DT = out_ptr.dtype.element_ty
     models = tl.arange(0, NP)
-    norm_before = tl.zeros((NP,), dtype=tl.float32)
-    norm_after = tl.zeros((NP,), dtype=tl.float32)
+    # PHASE 0: element-wise accumulators per model, reduced once per program (a block-wide reduction per model
+    # and sub-tile costs a barrier each)
+    acc_before = tl.zeros((NP, SUB), dtype=tl.float32)
+    acc_after = tl.zeros((NP, SUB), dtype=tl.float32)
     nonfinite = tl.zeros((SUB,), dtype=tl.float32)
     for s in range(0, TB, SUB):
         if pid * TB + s < n:  # the last block may be partial
@@ -235,11 +237,11 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                     before = _norm_terms(d.to(tl.float32), RESCALE)
                     after = tl.where(keep, before, 0.0)
                     if RESCALE == 3:
-                        norm_before = tl.where(models == i, tl.maximum(norm_before, tl.max(before, 0)), norm_before)
-                        norm_after = tl.where(models == i, tl.maximum(norm_after, tl.max(after, 0)), norm_after)
+                        acc_before = tl.where(models[:, None] == i, tl.maximum(acc_before, before[None, :]), acc_before)
+                        acc_after = tl.where(models[:, None] == i, tl.maximum(acc_after, after[None, :]), acc_after)
                     else:
-                        norm_before = tl.where(models == i, norm_before + tl.sum(before, 0), norm_before)
-                        norm_after = tl.where(models == i, norm_after + tl.sum(after, 0), norm_after)
+                        acc_before = tl.where(models[:, None] == i, acc_before + before[None, :], acc_before)
+                        acc_after = tl.where(models[:, None] == i, acc_after + after[None, :], acc_after)
             else:
                 # x * 0 is 0 for finite x and NaN for NaN/Inf: one multiply-add per input finds bad inputs, and
                 # the host names the culprit (only on that error path)
@@ -311,6 +313,12 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
     if PHASE == 0:
         # per-block partial norms, reduced by the host in a fixed order: deterministic, and no contention on
         # 2N addresses from every block (atomics there made this pass ~4x slower than a read)
+        if RESCALE == 3:
+            norm_before = tl.max(acc_before, 1)
+            norm_after = tl.max(acc_after, 1)
+        else:
+            norm_before = tl.sum(acc_before, 1)
+            norm_after = tl.sum(acc_after, 1)
         tl.store(norm_ptr + (pid * 2) * NP + models, norm_before)
         tl.store(norm_ptr + (pid * 2 + 1) * NP + models, norm_after)
     else:
@@ -521,14 +529,14 @@ def _raise_flags(flags: torch.Tensor, base: torch.Tensor, tensors: Sequence[torc
 
 
 def _delta_list(base, tensors):
-    """Materialised deltas (base dtype), checked finite: the input of the masks family's DELLA."""
-    out = []
-    for i, t in enumerate(tensors):
-        d = t - base
-        if not bool(torch.isfinite(d).all()):
-            name = "base" if not bool(torch.isfinite(base).all()) else f"tensors[{i}]"
-            raise ValueError(f"{name} contains NaN/Inf values; it must be finite")
-        out.append(d)
+    """Materialised deltas (base dtype), checked finite with one host sync for all of them: the input of the
+    masks family's DELLA."""
+    out = [t - base for t in tensors]
+    if not bool(torch.stack([torch.isfinite(d).all() for d in out]).all()):
+        for i, d in enumerate(out):
+            if not bool(torch.isfinite(d).all()):
+                name = "base" if not bool(torch.isfinite(base).all()) else f"tensors[{i}]"
+                raise ValueError(f"{name} contains NaN/Inf values; it must be finite")
     return out
 
 
