@@ -11,9 +11,9 @@
 // Equal keys are ordered by flat index, ascending. A row asks for the entry at 1-based position p of the
 // descending order: its key K and, among the `ties` entries equal to K, the rank `rem` (1-based) of that
 // entry. The result is an edge (K, J): entry e is before the edge iff key > K, or key == K and e < J, where J
-// is the flat index of the rem-th equal entry (n when every equal entry is before). With later_first (equal
-// keys ordered by index descending, breadcrumbs) J is the index of the (ties - rem)-th equal entry and the
-// test is e >= J.
+// is the flat index of the equal entry of 0-based rank rem in index order, the first one not before the edge
+// (n when every equal entry is before). With later_first (equal keys ordered by index descending,
+// breadcrumbs) J is the index of the equal entry of 0-based rank ties - rem and the test is e >= J.
 //
 // Passes. Each digit pass reads the inputs once: a block takes chunks of `chunk` entries and builds, in shared
 // memory, the histogram of the next digit among the entries whose higher digits equal the row's prefix.
@@ -23,6 +23,12 @@
 // to the global histogram once, and in the last pass each chunk's counts are also stored (rows x chunks x
 // 256) so that the rank of a tie can be located without another read. A one-block kernel picks each row's
 // digit on the device between passes: no host round trip anywhere; the caller reads nothing back.
+//
+// Measured (H200, 2026-12-02, 11008x4096 bf16): a pass over base + 3 models 0.20-0.21 ms (~1.8 TB/s; ncu: 37%
+// of DRAM peak, 59% SM, 2 blocks of 512 at 64 registers: atomics and key arithmetic bound), the whole select
+// of 3 edges 0.51 ms against 1.91 ms for the Triton select it replaced; whole-tensor top-k 0.25 ms bf16 /
+// 0.44 ms fp32 (2.9x / 2.5x torch.topk + mask). Merging equal-bin lanes with __match_any_sync before the
+// atomics was slower on every case measured (see count()).
 #include <algorithm>
 #include <cstdint>
 #include <vector>

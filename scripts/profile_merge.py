@@ -12,7 +12,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="11008x4096")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--select-ab", action="store_true", help="time the select with 0 / 1 / 2 aggregated passes")
     ap.add_argument("--fused-ab", action="store_true", help="time the fused merge pass at other tile / warp counts")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -25,11 +24,8 @@ def main():
         "topk_mask bf16": lambda: se.topk_mask(base, 0.3),
         "topk_mask fp32": lambda: se.topk_mask(x32, 0.3),
     }
-    if args.select_ab:
-        select_ab(base, ts, x32)
     if args.fused_ab:
         fused_ab(base, ts)
-    if args.select_ab or args.fused_ab:
         return
     for name, fn in cases.items():
         for _ in range(3):
@@ -41,27 +37,6 @@ def main():
             torch.cuda.synchronize()
         print(f"== {name} ({args.reps} calls)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
-
-
-def select_ab(base, ts, x32):
-    import triton.testing
-    from sparsity_engine.ops.masks import cuda as mc
-    from sparsity_engine.ops.merge import triton as mt
-    k = int(0.3 * base.numel())
-
-    def merge_select():
-        plan = mt._Plan(base, ts)
-        plan.select_bands([(0, k)] * len(ts), selector="cuda")
-
-    cases = {"merge select bf16 x3": merge_select,
-             "topk bf16": lambda: mc.topk_mask(base, k, None),
-             "topk fp32": lambda: mc.topk_mask(x32, k, None),
-             "magnitude bf16 task vector": lambda: mc.magnitude_prune(ts[0] - base, k, None)}
-    for name, fn in cases.items():
-        for agg in (0, 1, 2):
-            mc.SELECT_AGG_PASSES = agg
-            ms = triton.testing.do_bench(fn, warmup=10, rep=100)
-            print(f"{name:32s} agg_passes={agg}: {ms * 1e3:8.1f} us", flush=True)
 
 
 def fused_ab(base, ts):
