@@ -7,7 +7,7 @@
   Tensors up to SINGLE_PROGRAM_MAX elements, and every per-row selection, use one program per row: the row
   is read once and the k-th key is found by a 32-step bitwise binary search on counts. On a GPU with the
   extension, 'auto' sends whole-tensor selections to the CUDA backend (cuda.py, csrc/select.cu: shared-memory
-  histograms, 2-2.3x faster than these passes on an H200); this path serves CPUs and per-row selections.
+  histograms, 2.0-2.5x faster than these passes on an H200); this path serves CPUs and per-row selections.
 * DARE: one read, one write; counter-based Philox (one call per 4 elements), the counter being the flat
   index, so a seed reproduces the draw whatever the launch configuration.
 * DELLA: one program per row sorts (magnitude key, column) pairs once, takes mean ranks of equal magnitudes
