@@ -367,12 +367,15 @@ class _Plan:
         self.weights = [1.0] * self.N
         self.scale = None  # device tensor [N] once rescaled
         self.later_first = False
+        self._edges_dev = None  # (K, J) of every edge as found on the device by the CUDA select
         self._packed = None
 
     def _pack(self):
         if self._packed is None:
             f32 = torch.tensor(self.weights + self.dens + [1.0] * self.N, dtype=torch.float32).to(self.device)
             i32 = torch.tensor(self.K + self.J + self.seeds, dtype=torch.int32).to(self.device)
+            if self._edges_dev is not None:  # a later set() must not drop the edges the device found
+                i32[:4 * self.N].copy_(self._edges_dev)
             self._packed = (f32, i32)
         return self._packed
 
@@ -417,6 +420,7 @@ class _Plan:
             masks_cuda.select_edges(self.tensors, self.base, rows, mode=masks_cuda.MAGNITUDE,
                                     out_k=i32[:2 * self.N], out_j=i32[2 * self.N:4 * self.N],
                                     k_shift=0 if self.tensors[0].dtype == torch.float32 else 16)
+            self._edges_dev = i32[:4 * self.N]
         else:
             self._radix_select(targets)
 
