@@ -456,9 +456,6 @@ void run_write(int mode, bool values, const T* x, void* out, int64_t n, const in
 
 }  // namespace
 
-int64_t select_max_rows() { return kMaxRows; }
-int64_t select_max_inputs() { return kMaxInputs; }
-
 // Launcher: see the header comment and sparsity_engine/ops/masks/cuda.py select_edges.
 void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t n, const std::vector<int>& row_input,
                   const std::vector<int64_t>& row_rank, const std::vector<int>& row_later_first,

@@ -6,8 +6,6 @@
 
 #include "registry.h"
 
-int64_t select_max_rows();
-int64_t select_max_inputs();
 void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t n, const std::vector<int>& row_input,
                   const std::vector<int64_t>& row_rank, const std::vector<int>& row_later_first,
                   const std::vector<int>& row_slot, int mode, int dtype,
@@ -27,6 +25,4 @@ SE_BINDINGS(select) {
   m.def("select_write", &select_write,
         "Write one edge's mask (int8) or masked values: keep = key > K or (key == K and index < J); args: x ptr, "
         "out ptr, n, mode, values (0/1), dtype code, K ptr (int32), J ptr (int32), stream");
-  m.def("select_max_rows", &select_max_rows, "most rows select_edges takes");
-  m.def("select_max_inputs", &select_max_inputs, "most inputs select_edges takes");
 }

@@ -84,7 +84,6 @@ def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm
 # chunks x 1 KiB). A module attribute so tests can force many chunks on small tensors.
 SELECT_CHUNK = 16384
 SELECT_MAX_CHUNKS = 8192
-MAX_INPUTS, MAX_ROWS = 8, 16  # csrc/select.cu kMaxInputs, kMaxRows
 MAGNITUDE, ORDER = 0, 1
 
 
