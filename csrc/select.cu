@@ -19,9 +19,12 @@
 // memory, the histogram of the next digit among the entries whose higher digits equal the row's prefix.
 // Shared atomics on one address serialise, and the first digit of a magnitude key is its exponent (task
 // vectors put most entries in a handful of exponents), so each lane adds into one of `copies` private copies
-// of the histograms, offset by one bank from each other. Per chunk the copies are summed; a block's sums go
-// to the global histogram once, and in the last pass each chunk's counts are also stored (rows x chunks x
-// 256) so that the rank of a tie can be located without another read. A one-block kernel picks each row's
+// of the histograms, offset by one bank from each other. (Making the copy the minor index, so that lanes on
+// different copies never share a bank, was measured slower: a merge select pass over base + 3 models
+// 0.20 -> 0.31 ms, H200 2026-12-02, although ncu counts 57% of this layout's shared wavefronts as
+// conflicts.) A block sums its copies once and adds the sums to the global histogram; in the last pass it also
+// sums them after every chunk and stores each chunk's counts (rows x chunks x 256) so that the rank of a tie
+// can be located without another read. A one-block kernel picks each row's
 // digit on the device between passes: no host round trip anywhere; the caller reads nothing back.
 //
 // Measured (H200, 2026-12-02, 11008x4096 bf16): a pass over base + 3 models 0.20-0.21 ms (~1.8 TB/s; ncu: 37%
@@ -166,9 +169,9 @@ __global__ void __launch_bounds__(kThreads) select_hist_kernel(Plan plan, const 
   const bool has_base = plan.base != nullptr;
   const int64_t n = plan.n;
 
+  for (int i = tid; i < copies * stride; i += kThreads) smem[i] = 0;
+  __syncthreads();
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
-    for (int i = tid; i < copies * stride; i += kThreads) smem[i] = 0;
-    __syncthreads();
     const int64_t begin = c * chunk, end = min(n, begin + chunk);
     for (int64_t e = begin + static_cast<int64_t>(tid) * VEC; e < end; e += static_cast<int64_t>(kThreads) * VEC) {
       const int nv = static_cast<int>((end - e < VEC ? end - e : VEC));
@@ -201,17 +204,33 @@ __global__ void __launch_bounds__(kThreads) select_hist_kernel(Plan plan, const 
         count<VEC>(keys, nv, m, shift, row_of, s_prefix, mine);
       }
     }
+    // Only the last pass needs each chunk's counts. The others keep counting across chunks and sum the copies
+    // once at the end: a per-chunk reduction stops the block's loads for two barriers each chunk.
+    if (chunk_counts != nullptr) {
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kMaxRows * kBins / kThreads; ++i) {
+        const int cell = tid + i * kThreads;
+        if (cell >= cells) break;
+        uint32_t s = 0;
+        for (int k = 0; k < copies; ++k) {
+          s += smem[k * stride + cell];
+          smem[k * stride + cell] = 0;  // the thread that sums a cell clears it: no separate clearing loop
+        }
+        total[i] += s;
+        chunk_counts[((cell / kBins) * nchunks + c) * kBins + cell % kBins] = s;
+      }
+      __syncthreads();
+    }
+  }
+  if (chunk_counts == nullptr) {
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kMaxRows * kBins / kThreads; ++i) {
       const int cell = tid + i * kThreads;
       if (cell >= cells) break;
-      uint32_t s = 0;
-      for (int k = 0; k < copies; ++k) s += smem[k * stride + cell];
-      total[i] += s;
-      if (chunk_counts != nullptr) chunk_counts[((cell / kBins) * nchunks + c) * kBins + cell % kBins] = s;
+      for (int k = 0; k < copies; ++k) total[i] += smem[k * stride + cell];
     }
-    __syncthreads();
   }
 #pragma unroll
   for (int i = 0; i < kMaxRows * kBins / kThreads; ++i) {
@@ -336,17 +355,28 @@ __global__ void __launch_bounds__(kThreads) select_locate_kernel(Plan plan, cons
 
 // ------------------------------------------------------------------ masks: write with one edge
 
+// The exponent field of T: a value is NaN or Inf iff all of its bits are set.
+template <typename T> struct ExpMask;
+template <> struct ExpMask<float> { static constexpr uint32_t kValue = 0x7F800000u; };
+template <> struct ExpMask<__half> { static constexpr uint32_t kValue = 0x7C00u; };
+template <> struct ExpMask<__nv_bfloat16> { static constexpr uint32_t kValue = 0x7F80u; };
+
 // keep = key > K, or key == K and e < J (the edge at slot 0 of edge_k / edge_j, written with k_shift 0);
 // VALUES: x where kept, else 0; otherwise one byte 0/1. A thread takes VEC consecutive entries: 16-byte loads
-// when VEC16 (aligned pointers), scalar ones for the tail.
+// when VEC16 (aligned pointers), scalar ones for the tail. When `bad` is given, *bad |= 1 if any entry is NaN
+// or Inf: this pass reads every entry anyway, so the op's validation costs no read of its own (the caller
+// reads the flag after the write and raises; the select before it only ranks garbage, it never faults).
 template <typename T, int MODE, bool VALUES, bool VEC16>
 __global__ void __launch_bounds__(kWriteThreads) select_write_kernel(const T* __restrict__ x, void* __restrict__ out,
                                                                      int64_t n, const int32_t* __restrict__ edge_k,
-                                                                     const int32_t* __restrict__ edge_j) {
+                                                                     const int32_t* __restrict__ edge_j,
+                                                                     int32_t* __restrict__ bad) {
   using U = typename Bits<T>::U;
   constexpr int VEC = 16 / sizeof(T);
+  constexpr uint32_t kExp = ExpMask<T>::kValue;
   const uint32_t K = static_cast<uint32_t>(edge_k[0]);
   const int64_t J = edge_j[0];
+  bool nonfinite = false;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWriteThreads * VEC;
   for (int64_t e = (static_cast<int64_t>(blockIdx.x) * kWriteThreads + threadIdx.x) * VEC; e < n; e += step) {
     const bool full = VEC16 && e + VEC <= n;
@@ -367,6 +397,7 @@ __global__ void __launch_bounds__(kWriteThreads) select_write_kernel(const T* __
     for (int i = 0; i < VEC; ++i) {
       const uint32_t k = key_of<T, MODE>(v[i], v[i], false);
       const bool keep = k > K || (k == K && e + i < J);
+      nonfinite |= (uint32_t(v[i]) & kExp) == kExp;  // tail lanes past n hold 0
       if (!VALUES) keep_bits[i / 4] |= uint32_t(keep) << (8 * (i % 4));
       const uint32_t kept = keep ? uint32_t(v[i]) : 0u;
       if (sizeof(U) == 4) vals[i] = kept;
@@ -386,12 +417,26 @@ __global__ void __launch_bounds__(kWriteThreads) select_write_kernel(const T* __
       }
     }
   }
+  // every thread of the block reaches this point: one atomic per warp, and only on the error path
+  if (bad != nullptr && __any_sync(0xffffffffu, nonfinite) && (threadIdx.x & 31) == 0) atomicOr(bad, 1);
+}
+
+// Device queries cost host time on every call of a merge (a whole model makes hundreds): asked once per device.
+constexpr int kMaxDevices = 64;
+
+int current_device() {
+  int dev = 0;
+  SE_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
 }
 
 int sm_count() {
-  int dev = 0, sms = 0;
-  SE_CUDA_CHECK(cudaGetDevice(&dev));
+  static int cached[kMaxDevices] = {};
+  const int dev = current_device();
+  if (dev < kMaxDevices && cached[dev] > 0) return cached[dev];
+  int sms = 0;
   SE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < kMaxDevices) cached[dev] = sms;
   return sms;
 }
 
@@ -402,10 +447,17 @@ void launch_hist(const Plan& plan, const int64_t* state, int shift, int64_t chun
   while (copies > 1 && copies * (plan.rows * kBins + 1) * 4 > kHistSmem) copies /= 2;
   const int smem = copies * (plan.rows * kBins + 1) * 4;
   auto kernel = select_hist_kernel<T, MODE, VEC16>;
-  SE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int per_sm = 0;
-  SE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int64_t grid = std::min<int64_t>(nchunks, static_cast<int64_t>(std::max(per_sm, 1)) * sm_count());
+  // blocks per SM for this row count, and the shared-memory opt-in, once per device and kernel instance
+  static int cached[kMaxDevices][kMaxRows + 1] = {};
+  const int dev = current_device();
+  int per_sm = dev < kMaxDevices ? cached[dev][plan.rows] : 0;
+  if (per_sm == 0) {
+    SE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kHistSmem));
+    SE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    per_sm = std::max(per_sm, 1);
+    if (dev < kMaxDevices) cached[dev][plan.rows] = per_sm;
+  }
+  const int64_t grid = std::min<int64_t>(nchunks, static_cast<int64_t>(per_sm) * sm_count());
   kernel<<<static_cast<unsigned>(grid), kThreads, smem, s>>>(plan, state, shift, copies, chunk, nchunks, hist,
                                                              chunk_counts);
   SE_CHECK_LAUNCH();
@@ -432,25 +484,26 @@ void run_select(const Plan& plan, int64_t* state, uint32_t* hist, uint32_t* chun
 }
 
 template <typename T, int MODE, bool VALUES>
-void launch_write(const T* x, void* out, int64_t n, const int32_t* k, const int32_t* j, bool aligned, cudaStream_t s) {
+void launch_write(const T* x, void* out, int64_t n, const int32_t* k, const int32_t* j, int32_t* bad, bool aligned,
+                  cudaStream_t s) {
   constexpr int VEC = 16 / sizeof(T);
   const int64_t grid = std::min<int64_t>(se::ceil_div(n, int64_t(kWriteThreads) * VEC), int64_t(sm_count()) * 16);
   const unsigned g = static_cast<unsigned>(std::max<int64_t>(grid, 1));
-  if (aligned) select_write_kernel<T, MODE, VALUES, true><<<g, kWriteThreads, 0, s>>>(x, out, n, k, j);
-  else select_write_kernel<T, MODE, VALUES, false><<<g, kWriteThreads, 0, s>>>(x, out, n, k, j);
+  if (aligned) select_write_kernel<T, MODE, VALUES, true><<<g, kWriteThreads, 0, s>>>(x, out, n, k, j, bad);
+  else select_write_kernel<T, MODE, VALUES, false><<<g, kWriteThreads, 0, s>>>(x, out, n, k, j, bad);
   SE_CHECK_LAUNCH();
 }
 
 template <typename T>
 void run_write(int mode, bool values, const T* x, void* out, int64_t n, const int32_t* k, const int32_t* j,
-               cudaStream_t s) {
+               int32_t* bad, cudaStream_t s) {
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   if (mode == kMagnitude) {
-    if (values) launch_write<T, kMagnitude, true>(x, out, n, k, j, aligned, s);
-    else launch_write<T, kMagnitude, false>(x, out, n, k, j, aligned, s);
+    if (values) launch_write<T, kMagnitude, true>(x, out, n, k, j, bad, aligned, s);
+    else launch_write<T, kMagnitude, false>(x, out, n, k, j, bad, aligned, s);
   } else {
-    if (values) launch_write<T, kOrder, true>(x, out, n, k, j, aligned, s);
-    else launch_write<T, kOrder, false>(x, out, n, k, j, aligned, s);
+    if (values) launch_write<T, kOrder, true>(x, out, n, k, j, bad, aligned, s);
+    else launch_write<T, kOrder, false>(x, out, n, k, j, bad, aligned, s);
   }
 }
 
@@ -519,17 +572,19 @@ void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t 
 }
 
 void select_write(uintptr_t x, uintptr_t out, int64_t n, int mode, int values, int dtype, uintptr_t edge_k,
-                  uintptr_t edge_j, uintptr_t stream) {
+                  uintptr_t edge_j, uintptr_t bad_flag, uintptr_t stream) {
   SE_REQUIRE(mode == kMagnitude || mode == kOrder, "mode must be 0 (magnitude) or 1 (order)");
   if (n == 0) return;
   const auto* k = se::as_ptr<const int32_t>(edge_k);
   const auto* j = se::as_ptr<const int32_t>(edge_j);
+  auto* bad = bad_flag ? se::as_ptr<int32_t>(bad_flag) : nullptr;
+  void* o = reinterpret_cast<void*>(out);
   const cudaStream_t s = se::as_stream(stream);
   switch (dtype) {
-    case kF32: run_write<float>(mode, values, se::as_ptr<const float>(x), reinterpret_cast<void*>(out), n, k, j, s); break;
-    case kF16: run_write<__half>(mode, values, se::as_ptr<const __half>(x), reinterpret_cast<void*>(out), n, k, j, s); break;
+    case kF32: run_write<float>(mode, values, se::as_ptr<const float>(x), o, n, k, j, bad, s); break;
+    case kF16: run_write<__half>(mode, values, se::as_ptr<const __half>(x), o, n, k, j, bad, s); break;
     case kBF16:
-      run_write<__nv_bfloat16>(mode, values, se::as_ptr<const __nv_bfloat16>(x), reinterpret_cast<void*>(out), n, k, j, s);
+      run_write<__nv_bfloat16>(mode, values, se::as_ptr<const __nv_bfloat16>(x), o, n, k, j, bad, s);
       break;
     default:
       SE_REQUIRE(false, "dtype must be float32, float16 or bfloat16");

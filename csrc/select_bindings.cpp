@@ -12,7 +12,7 @@ void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t 
                   uintptr_t state, uintptr_t hist, uintptr_t chunk_counts, int64_t chunk, uintptr_t out_k,
                   uintptr_t out_j, int k_shift, uintptr_t stream);
 void select_write(uintptr_t x, uintptr_t out, int64_t n, int mode, int values, int dtype, uintptr_t edge_k,
-                  uintptr_t edge_j, uintptr_t stream);
+                  uintptr_t edge_j, uintptr_t bad_flag, uintptr_t stream);
 
 SE_BINDINGS(select) {
   m.def("select_edges", &select_edges,
@@ -24,5 +24,6 @@ SE_BINDINGS(select) {
         "chunk, out_k ptr, out_j ptr, k_shift, stream");
   m.def("select_write", &select_write,
         "Write one edge's mask (int8) or masked values: keep = key > K or (key == K and index < J); args: x ptr, "
-        "out ptr, n, mode, values (0/1), dtype code, K ptr (int32), J ptr (int32), stream");
+        "out ptr, n, mode, values (0/1), dtype code, K ptr (int32), J ptr (int32), bad flag ptr (int32, set to 1 if x holds "
+        "NaN/Inf; 0: no check), stream");
 }

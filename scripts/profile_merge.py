@@ -13,6 +13,7 @@ def main():
     ap.add_argument("--shape", default="11008x4096")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--fused-ab", action="store_true", help="time the fused merge pass at other tile / warp counts")
+    ap.add_argument("--case", help="only call this case --reps times, no profiler (for ncu: -k regex:NAME)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split("x"))
     base = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
@@ -26,6 +27,11 @@ def main():
     }
     if args.fused_ab:
         fused_ab(base, ts)
+        return
+    if args.case:
+        for _ in range(args.reps):
+            cases[args.case]()
+        torch.cuda.synchronize()
         return
     for name, fn in cases.items():
         for _ in range(3):
@@ -48,14 +54,13 @@ def fused_ab(base, ts):
     dare = mt._Plan(base, ts)
     dare.set(dens=[0.3] * len(ts), seeds=[1, 2])
     out = torch.empty_like(base)
-    flags = torch.zeros(1, dtype=torch.int32, device=base.device)
     saved = (mt.SUB, mt.NUM_WARPS)
     for sub, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8), (512, 2)):
         mt.SUB, mt.NUM_WARPS = sub, warps
         ties = triton.testing.do_bench(lambda: plan.launch(out, spars=mt.SPARS_BAND, consensus="sum", normalize=True,
-                                                           rescale_norm=None, lambda_=1.0, phase=1, flags=flags))
+                                                           rescale_norm=None, lambda_=1.0, phase=1))
         dt = triton.testing.do_bench(lambda: dare.launch(out, spars=mt.SPARS_RANDOM, consensus="sum", normalize=False,
-                                                         rescale_norm=None, lambda_=1.0, phase=1, flags=flags))
+                                                         rescale_norm=None, lambda_=1.0, phase=1))
         norms = triton.testing.do_bench(lambda: dare.rescale(mt.SPARS_RANDOM, "l1", [True] * len(ts)))
         print(f"SUB={sub:5d} warps={warps}: ties pass {ties * 1e3:7.1f} us, dare pass {dt * 1e3:7.1f} us, "
               f"dare l1 norms {norms * 1e3:7.1f} us", flush=True)

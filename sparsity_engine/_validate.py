@@ -5,8 +5,10 @@ Type problems raise TypeError, value problems ValueError (both subclasses of wha
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -113,3 +115,51 @@ def check_generator(name: str, generator, device: torch.device) -> None:
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+# ---------------------------------------------------------------- checks flagged by kernels on the device
+
+_DEFERRED = threading.local()
+
+
+@contextmanager
+def deferred_device_checks() -> Iterator[List[Callable[[], None]]]:
+    """Inside this block, :func:`device_flag_check` queues its check instead of reading the flag at once.
+
+    For a caller that launches the next piece of work before looking at this one's result (iter_merged): a
+    host read of a flag waits for everything queued on the stream, so reading it right away leaves the GPU
+    idle while Python prepares the next launches. The caller must run every queued check (each raises on
+    bad input) before it hands the result on.
+    """
+    checks: List[Callable[[], None]] = []
+    previous = getattr(_DEFERRED, "checks", None)
+    _DEFERRED.checks = checks
+    try:
+        yield checks
+    finally:
+        _DEFERRED.checks = previous
+
+
+def device_flag_check(flag: torch.Tensor, raise_error: Callable[[], None]) -> None:
+    """flag: a one-element int32 tensor a kernel set nonzero on bad input; raise_error() raises the error.
+
+    At once (one host read), or inside :func:`deferred_device_checks` queued: the flag is copied to pinned host
+    memory behind the kernel that sets it and an event is recorded, so the queued check waits for that
+    kernel only, not for work launched after it.
+    """
+    checks = getattr(_DEFERRED, "checks", None)
+    if checks is None or flag.device.type != "cuda":
+        if int(flag.item()):
+            raise_error()
+        return
+    host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(flag.device))
+
+    def check() -> None:
+        done.synchronize()
+        if int(host.item()):
+            raise_error()
+
+    checks.append(check)

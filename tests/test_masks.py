@@ -416,6 +416,21 @@ def test_mask_ops_bad_input(call, err):
         call()
 
 
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_select_ops_reject_nonfinite_on_every_backend(backend, bad):
+    """The CUDA backend flags NaN/Inf in its write pass (the front end skips its own read); the others are
+    checked up front. Either way: the argument's name and the count, never a mask over garbage."""
+    x = torch.randn(1000, device=KERNEL_DEVICE)
+    x[[0, 517, 999]] = bad
+    with pytest.raises(ValueError, match="scores contains 3 NaN/Inf"):
+        se.topk_mask(x, 0.5, backend=backend)
+    with pytest.raises(ValueError, match="t contains 3 NaN/Inf"):
+        se.magnitude_prune(x, 0.5, backend=backend)
+    with pytest.raises(ValueError, match="t contains 3 NaN/Inf"):
+        se.magnitude_prune(x, 1.0, backend=backend)
+
+
 def test_triton_backend_says_why_for_float64():
     from sparsity_engine import BackendUnavailableError
     with pytest.raises(BackendUnavailableError, match="float64"):
@@ -530,6 +545,30 @@ def test_topk_mask_cuda_many_chunks(monkeypatch, dtype):
                            se.magnitude_prune(x, density, backend="reference"))
     unaligned = x.view(-1)[3:]  # pointers not 16-byte aligned: the scalar path
     assert torch.equal(se.topk_mask(unaligned, 0.4, backend="cuda"), se.topk_mask(unaligned, 0.4, backend="reference"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_write_flags_each_nonfinite_position(dtype):
+    """The write pass's flag, entry by entry: one NaN or Inf anywhere (16-byte body, scalar tail, unaligned
+    input) is reported, a finite tensor (with the dtype's largest values and -0.0) is not."""
+    from sparsity_engine.ops.masks import cuda as mc
+    big = torch.finfo(dtype).max
+    n = 4096 + 13
+    for offset in (0, 3):
+        for pos in (0, 7, 2048, n - offset - 1):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                x = torch.randn(n, device="cuda").to(dtype)[offset:]
+                x[pos] = bad
+                flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+                mc._select_whole(x, x.numel() // 2, mode=mc.MAGNITUDE, values=True, bad=flag)
+                assert int(flag.item()) == 1, (offset, pos, bad)
+        x = torch.randn(n, device="cuda").to(dtype)[offset:]
+        x[::5], x[1::5] = big, -0.0
+        flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+        for mode in (mc.MAGNITUDE, mc.ORDER):
+            mc._select_whole(x, x.numel() // 2, mode=mode, values=False, bad=flag)
+        assert int(flag.item()) == 0
 
 
 @pytest.mark.cuda

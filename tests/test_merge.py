@@ -1,5 +1,7 @@
 """Merge ops: TIES consensus and generalized task arithmetic (reference exact values, mergekit's formula
 re-derived, kernels against the reference), Breadcrumbs, the state-dict merge, bad input."""
+import re
+
 import pytest
 import torch
 
@@ -347,6 +349,28 @@ def test_merge_state_dicts_streams_and_skips():
     assert torch.equal(out["embed_tokens.weight"], exp_e)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_iter_merged_checks_every_tensor_before_yielding_it(backend):
+    """On a GPU iter_merged launches tensor k + 1 before it reads tensor k's NaN/Inf flag: the results must be
+    the per-tensor merges, and a bad tensor must raise before it is yielded, after the ones merged before it."""
+    from sparsity_engine.merge import iter_merged
+
+    names = [f"layer{i}.weight" for i in range(5)]
+    base = {k: torch.randn(64, 48, device=KERNEL_DEVICE) for k in names}
+    ft = [{k: v + 0.05 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
+    kw = dict(method="ties", density=0.4, backend=backend)
+    out = dict(iter_merged(base, ft, [1.0, 0.7, 0.5], out_device=None, **kw))
+    for k in names:
+        assert torch.equal(out[k], se.merge_task_vectors(base[k], [f[k] for f in ft], [1.0, 0.7, 0.5], **kw))
+    ft[1]["layer2.weight"][5, 7] = float("nan")
+    seen = []
+    with pytest.raises(ValueError, match=r"tensors\[1\] contains (1 )?NaN/Inf"):
+        for name, merged in iter_merged(base, ft, [1.0, 0.7, 0.5], out_device=None, **kw):
+            assert bool(torch.isfinite(merged).all())
+            seen.append(name)
+    assert seen == names[:2]  # the ones before the bad tensor, even with later merges already launched
+
+
 def test_merge_safetensors_reader(tmp_path):
     from safetensors.torch import save_file
 
@@ -433,6 +457,48 @@ def test_cuda_select_heavy_ties_many_chunks(monkeypatch, dtype, method):
     if dtype != torch.float32:
         # fp32 sums of eight models differ from torch's reduction order in the last bit (see the merge kernel)
         assert torch.equal(got, se.merge_task_vectors(base, ts, w, backend="reference", **kw))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_models", [1, 3, 5, 8])
+def test_cuda_fused_pass_equals_triton_pass(dtype, n_models):
+    """csrc/merge.cu against the Triton fused pass it replaces, bit for bit, over every option the pass takes:
+    the methods (band, none, pre-sparsified DELLA deltas), consensus sum / count / none, normalize, rescale,
+    lambda, negative weights, sizes with a tail, inputs that are not 16-byte aligned, 1 to 8 models."""
+    g = torch.Generator(device="cuda").manual_seed(n_models)
+    for shape in [(61, 77), (1000,), (3,)]:
+        base = torch.randn(shape, device="cuda", generator=g).to(dtype)
+        ts = [(base.float() + 0.05 * torch.randn(shape, device="cuda", generator=g)).to(dtype)
+              for _ in range(n_models)]
+        w = [1.0, -0.4, 0.7, 0.25, 1.3, 0.5, -1.1, 0.9][:n_models]
+        for method in ["ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]:
+            for extra in [{}, dict(consensus="count", normalize=True, lambda_=0.6),
+                          dict(consensus="none", normalize=True, rescale="l2", lambda_=1.7)]:
+                if method == "task_arithmetic" and "rescale" in extra:
+                    continue  # no sparsification, nothing to rescale
+                kw = dict(method=method, density=0.4, gamma=0.05, epsilon=0.1, **extra)
+                got, want = (se.merge_task_vectors(base, ts, w, backend=b, **kw,
+                                                   generator=torch.Generator(device="cuda").manual_seed(7))
+                             for b in ("cuda", "triton"))
+                assert torch.equal(got, want), (shape, method, extra)
+        # views one element in: no 16-byte loads anywhere
+        flat = [t.reshape(-1)[1:] for t in [base] + ts]
+        if flat[0].numel():
+            got, want = (se.merge_task_vectors(flat[0], flat[1:], w, method="ties", density=0.3, backend=b)
+                         for b in ("cuda", "triton"))
+            assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_fused_pass_flags_nonfinite_anywhere(dtype):
+    base, ts = _models((129, 33), 3, dtype, "cuda")
+    for where, pos in [("base", 0), ("tensors[2]", 4000), ("tensors[0]", 129 * 33 - 1)]:
+        b, t = base.clone(), [x.clone() for x in ts]
+        (b if where == "base" else t[int(where[-2])]).view(-1)[pos] = float("nan")
+        with pytest.raises(ValueError, match=rf"{re.escape(where)} contains NaN/Inf"):
+            se.merge_task_vectors(b, t, [1.0, 1.0, 1.0], method="ties", density=0.5, backend="cuda")
 
 
 @pytest.mark.cuda

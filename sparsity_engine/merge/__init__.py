@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._validate import deferred_device_checks
 from ..ops.merge import METHODS, merge_task_vectors
 
 __all__ = ["merge_state_dicts", "iter_merged", "LazySafetensors", "merge_safetensors"]
 
 log = logging.getLogger(__name__)
+IN_FLIGHT = 3  # merges launched ahead of the tensor being checked and yielded (see iter_merged)
 _EMBED_HINTS = ("embed", "lm_head", "wte", "word_embeddings")
 
 
@@ -102,6 +105,11 @@ def iter_merged(base, finetuned: Sequence, weights, *, method: str, density=1.0,
     weights / density / epsilon / gamma: a number or one per fine-tuned model. device: where the merge runs
     (default: where the base tensor is); out_device: where yielded tensors go (None: leave them there).
     Other arguments as ``merge_task_vectors``.
+
+    On a GPU up to ``IN_FLIGHT`` merges are launched ahead of the one being yielded: the kernels' NaN/Inf
+    flags are read only then (each read waits for its own merge, not the later ones), so the GPU is not left
+    idle while Python prepares launches. Every tensor is checked before it is yielded; peak memory holds
+    IN_FLIGHT + 1 merged tensors.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -110,35 +118,55 @@ def iter_merged(base, finetuned: Sequence, weights, *, method: str, density=1.0,
     n = len(finetuned)
     per = {k: _per_model(k, v, n) for k, v in
            dict(weights=weights, density=density, epsilon=epsilon, gamma=gamma).items()}
+    options = dict(method=method, lambda_=lambda_, normalize=normalize, rescale=rescale, consensus=consensus,
+                   generator=generator, backend=backend)
+    pending: deque = deque()  # (name, merged, its queued checks): launched, not yet checked nor yielded
     for name in (names if names is not None else list(base.keys())):
-        b = _get(base, name)
-        if b is None:
-            raise KeyError(f"base has no tensor named {name!r}")
-        dev = torch.device(device) if device is not None else b.device
-        if not b.is_floating_point():
-            yield name, b.to(out_device) if out_device is not None else b
+        try:
+            pending.append(_launch_one(name, base, finetuned, per, device, options))
+        except Exception:
+            while pending:  # what merged before the failure still comes out
+                yield _finish(pending.popleft(), out_device)
+            raise
+        if len(pending) > IN_FLIGHT:
+            yield _finish(pending.popleft(), out_device)
+    while pending:
+        yield _finish(pending.popleft(), out_device)
+
+
+def _launch_one(name, base, finetuned, per, device, options) -> Tuple[str, torch.Tensor, list]:
+    """Merge one tensor; the kernels' input checks are queued, not read (see iter_merged)."""
+    b = _get(base, name)
+    if b is None:
+        raise KeyError(f"base has no tensor named {name!r}")
+    dev = torch.device(device) if device is not None else b.device
+    if not b.is_floating_point():
+        return name, b, []
+    b = b.to(dev)
+    members, idx = [], []
+    for i, src in enumerate(finetuned):
+        t = _get(src, name)
+        if t is None:
+            log.warning("model %d has no tensor %s; left out of its merge", i, name)
             continue
-        b = b.to(dev)
-        members, idx = [], []
-        for i, src in enumerate(finetuned):
-            t = _get(src, name)
-            if t is None:
-                log.warning("model %d has no tensor %s; left out of its merge", i, name)
-                continue
-            t = _fit(name, b, t, i)
-            if t is not None:
-                members.append(t.to(dev, b.dtype))
-                idx.append(i)
-        if not members:
-            merged = b
-        else:
-            pick = lambda key: [per[key][i] for i in idx]  # noqa: E731
-            merged = merge_task_vectors(b, members, pick("weights"), method=method, density=pick("density"),
-                                        epsilon=pick("epsilon"), gamma=pick("gamma"), lambda_=lambda_,
-                                        normalize=normalize, rescale=rescale, consensus=consensus,
-                                        generator=generator, backend=backend)
-        del members
-        yield name, merged.to(out_device) if out_device is not None else merged
+        t = _fit(name, b, t, i)
+        if t is not None:
+            members.append(t.to(dev, b.dtype))
+            idx.append(i)
+    if not members:
+        return name, b, []
+    pick = lambda key: [per[key][i] for i in idx]  # noqa: E731
+    with deferred_device_checks() as checks:
+        merged = merge_task_vectors(b, members, pick("weights"), density=pick("density"), epsilon=pick("epsilon"),
+                                    gamma=pick("gamma"), **options)
+    return name, merged, checks
+
+
+def _finish(item, out_device) -> Tuple[str, torch.Tensor]:
+    name, merged, checks = item
+    for check in checks:
+        check()
+    return name, merged.to(out_device) if out_device is not None else merged
 
 
 def merge_state_dicts(base, finetuned: Sequence, weights, **kwargs) -> Dict[str, torch.Tensor]:

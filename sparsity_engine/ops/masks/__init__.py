@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from ..._dispatch import dispatch, import_backend
-from ..._validate import (ALL_FLOAT_DTYPES, FLOAT_DTYPES, check_choice, check_fraction, check_generator,
-                          check_int, check_nm, check_tensor)
+from ..._dispatch import choose, dispatch, import_backend
+from ..._validate import (ALL_FLOAT_DTYPES, FLOAT_DTYPES, check_choice, check_finite, check_fraction,
+                          check_generator, check_int, check_nm, check_tensor)
 from . import reference  # noqa: F401  (registers the oracle)
 from .reference import RESCALE_NORMS
 
@@ -48,11 +48,19 @@ def topk_mask(scores: torch.Tensor, density: float, *, dim: Optional[int] = None
     ``dim`` (n = scores.shape[dim]). Ties go to the lower index (flat index, or index along ``dim``), so the
     mask is deterministic on every backend; -0.0 equals +0.0. scores: any shape, finite float.
     """
-    check_tensor("scores", scores, dtypes=ALL_FLOAT_DTYPES, finite=True)
+    check_tensor("scores", scores, dtypes=ALL_FLOAT_DTYPES)
     density = check_fraction("density", density)
     dim = _check_dim(dim, scores)
     n = scores.numel() if dim is None else scores.shape[dim]
-    return dispatch("topk_mask", backend, scores, int(density * n), dim)
+    return _dispatch_finite("topk_mask", backend, "scores", scores, int(density * n), dim)
+
+
+def _dispatch_finite(op: str, backend, name: str, t: torch.Tensor, *args):
+    """dispatch, with ``t`` checked for NaN/Inf here unless the chosen backend checks it during its own pass."""
+    impl = choose(op, backend, t, *args)
+    if not getattr(impl.fn, "validates_finite", False):
+        check_finite(name, t)
+    return impl.fn(t, *args)
 
 
 def _check_norm(rescale_norm):
@@ -70,16 +78,17 @@ def magnitude_prune(t: torch.Tensor, density: float, *, rescale_norm: Optional[s
     rescaled_masked_tensor). density >= 1 returns a copy of ``t`` (never ``t`` itself). Raises ValueError
     when k == 0 (mergekit asserts). Returns a tensor of t's shape, dtype and device.
     """
-    check_tensor("t", t, dtypes=ALL_FLOAT_DTYPES, finite=True)
+    check_tensor("t", t, dtypes=ALL_FLOAT_DTYPES)
     density = check_fraction("density", density)
     norm = _check_norm(rescale_norm)
     if density >= 1:
+        check_finite("t", t)
         return t.clone()
     k = int(density * t.numel())
     if k <= 0:
         raise ValueError(f"density={density} keeps int(density * numel) = 0 of the {t.numel()} entries of t; "
                          "choose a larger density (mergekit refuses this case too)")
-    return dispatch("magnitude_prune", backend, t, k, norm)
+    return _dispatch_finite("magnitude_prune", backend, "t", t, k, norm)
 
 
 def _check_bool(name: str, value) -> bool:

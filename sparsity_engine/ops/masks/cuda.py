@@ -9,6 +9,7 @@ import torch
 
 from ..._dispatch import register
 from ..._ext import dtype_code, load_extension, stream_ptr
+from ..._validate import check_finite, device_flag_check
 from . import reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,31 +139,58 @@ def _topk_supports(scores: torch.Tensor, k: int, dim) -> List[str]:
     return reasons
 
 
-def _select_whole(x: torch.Tensor, k: int, *, mode: int, values: bool) -> torch.Tensor:
-    """x flat contiguous, 1 <= k < n: keep the k largest keys (ties to the lower index); int8 mask or values."""
+def _select_whole(x: torch.Tensor, k: int, *, mode: int, values: bool, bad: torch.Tensor) -> torch.Tensor:
+    """x flat contiguous, 1 <= k < n: keep the k largest keys (ties to the lower index); int8 mask or values.
+    bad (int32 [1], zero) becomes 1 if x holds NaN/Inf, seen by the write pass (no read of its own)."""
     edge = torch.empty(2, dtype=torch.int32, device=x.device)
     select_edges([x], None, [(0, k, False, 0)], mode=mode, out_k=edge[:1], out_j=edge[1:], k_shift=0)
     out = torch.empty(x.shape, dtype=x.dtype if values else torch.int8, device=x.device)
     load_extension().select_write(x.data_ptr(), out.data_ptr(), x.numel(), mode, int(values), dtype_code(x.dtype),
-                                  edge[:1].data_ptr(), edge[1:].data_ptr(), stream_ptr(x))
+                                  edge[:1].data_ptr(), edge[1:].data_ptr(), bad.data_ptr(), stream_ptr(x))
     return out
 
 
+def _finite_or_raise(name: str, t: torch.Tensor, bad: Optional[torch.Tensor]) -> None:
+    """The front end's finiteness check, done by the kernel's flag (one host read) where there is one."""
+    if bad is None:
+        check_finite(name, t)
+        return
+
+    def raise_error():
+        check_finite(name, t)  # counts the bad entries and raises with the argument's name
+        raise ValueError(f"{name} contains NaN/Inf values; it must be finite")
+
+    device_flag_check(bad, raise_error)
+
+
+def validates_finite(fn):
+    """Mark a backend function that checks its input for NaN/Inf itself (the front end then skips its read)."""
+    fn.validates_finite = True
+    return fn
+
+
 @register("topk_mask", "cuda", supports=_topk_supports)
+@validates_finite
 def topk_mask(scores: torch.Tensor, k: int, dim) -> torch.Tensor:
     flat = scores.contiguous().view(-1)
     if k == 0 or k >= flat.numel():
+        _finite_or_raise("scores", flat, None)
         return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
-    return _select_whole(flat, k, mode=ORDER, values=False).view(torch.bool).view(scores.shape)
+    bad = torch.zeros(1, dtype=torch.int32, device=flat.device)
+    mask = _select_whole(flat, k, mode=ORDER, values=False, bad=bad)
+    _finite_or_raise("scores", flat, bad)
+    return mask.view(torch.bool).view(scores.shape)
 
 
 @register("magnitude_prune", "cuda", supports=_select_supports)
+@validates_finite
 def magnitude_prune(t: torch.Tensor, k: int, rescale_norm) -> torch.Tensor:
     flat = t.contiguous().view(-1)
-    if k >= flat.numel():
-        masked = flat.clone()
-    elif k == 0:
-        masked = torch.zeros_like(flat)
+    if k >= flat.numel() or k == 0:
+        _finite_or_raise("t", flat, None)
+        masked = flat.clone() if k else torch.zeros_like(flat)
     else:
-        masked = _select_whole(flat, k, mode=MAGNITUDE, values=True)
+        bad = torch.zeros(1, dtype=torch.int32, device=flat.device)
+        masked = _select_whole(flat, k, mode=MAGNITUDE, values=True, bad=bad)
+        _finite_or_raise("t", flat, bad)
     return reference.rescale_masked(t, masked.view(t.shape), rescale_norm)

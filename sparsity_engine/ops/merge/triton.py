@@ -30,7 +30,9 @@ round the sums to the dtype, which hides it in the tests).
 """
 from __future__ import annotations
 
+import functools
 import os
+import struct
 from typing import List, Optional, Sequence
 
 import torch
@@ -38,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..._dispatch import register
+from ..._validate import device_flag_check
 from . import reference as ref
 
 # Triton's interpreter truncates on a float32 -> bfloat16 cast; the GPU rounds to nearest even
@@ -125,17 +128,21 @@ def _before(key, idx, row: tl.constexpr, k_ptr, j_ptr, LATER_FIRST: tl.constexpr
         later = idx >= J
     else:
         later = idx < J
-    return (key > K) | ((key == K) & later)
+    # key > K, or key >= K where the index is before J: one compare (J is 0 / n whenever K is INT_MAX)
+    return key > K - later.to(tl.int32)
 
 
 @triton.jit
-def _keep(d, idx, i: tl.constexpr, k_ptr, j_ptr, dens_ptr, rnd, SPARS: tl.constexpr, LATER_FIRST: tl.constexpr):
-    """Model i's keep mask: band of magnitude ranks (1), Bernoulli(density_i) from the random word (2), all."""
+def _keep(d, idx, i: tl.constexpr, k_ptr, j_ptr, dens_ptr, rnd, SPARS: tl.constexpr, LATER_FIRST: tl.constexpr,
+          HAS_LO: tl.constexpr):
+    """Model i's keep mask: band of magnitude ranks (1), Bernoulli(density_i) from the random word (2), all.
+    HAS_LO False: every band starts at rank 0 (magnitude), so the lower edge is not tested."""
     if SPARS == 1:
         key = _key(d)
-        hi = _before(key, idx, 2 * i + 1, k_ptr, j_ptr, LATER_FIRST)
-        lo = _before(key, idx, 2 * i, k_ptr, j_ptr, LATER_FIRST)
-        keep = hi & (lo.to(tl.int32) == 0)
+        keep = _before(key, idx, 2 * i + 1, k_ptr, j_ptr, LATER_FIRST)
+        if HAS_LO:
+            lo = _before(key, idx, 2 * i, k_ptr, j_ptr, LATER_FIRST)
+            keep = keep & (lo.to(tl.int32) == 0)
     elif SPARS == 2:
         u = (rnd >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits: a uniform in [0, 1)
         keep = u < tl.load(dens_ptr + i)
@@ -196,7 +203,7 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                   N: tl.constexpr, HAS_BASE: tl.constexpr, SPARS: tl.constexpr, LATER_FIRST: tl.constexpr,
                   CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, RESCALE: tl.constexpr,
                   APPLY_LAMBDA: tl.constexpr, PHASE: tl.constexpr, TB: tl.constexpr, SUB: tl.constexpr,
-                  NP: tl.constexpr):
+                  NP: tl.constexpr, HAS_LO: tl.constexpr):
     """One program per block of TB entries, walked in sub-tiles of SUB (few registers, many warps in flight).
     PHASE 0: per-model norms before / after the mask of this block into norm_ptr [nblocks, 2, NP].
     PHASE 1: the fused merge, writing out; flag_ptr[0] = 1 if any input holds NaN/Inf."""
@@ -233,7 +240,7 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                 for i in tl.static_range(N):
                     _, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, SPARS == 3)
                     keep = _keep(d, idx, i, k_ptr, j_ptr, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
-                                 SPARS, LATER_FIRST)
+                                 SPARS, LATER_FIRST, HAS_LO)
                     before = _norm_terms(d.to(tl.float32), RESCALE)
                     after = tl.where(keep, before, 0.0)
                     if RESCALE == 3:
@@ -262,7 +269,7 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                     x, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, SPARS == 3)
                     nonfinite += tl.where(m, x.to(tl.float32) * 0.0, 0.0)
                     keep = _keep(d, idx, i, k_ptr, j_ptr, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
-                                 SPARS, LATER_FIRST)
+                                 SPARS, LATER_FIRST, HAS_LO)
                     sd = tl.where(keep, d.to(tl.float32), 0.0)
                     if RESCALE != 0:
                         sd = _rnd(sd * tl.load(scale_ptr + i), DT)
@@ -296,7 +303,7 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                     elected = tl.where(vote >= 0, 1.0, -1.0)
                     for i in tl.static_range(N):
                         wd = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7)
-                        agree = _sign(wd) == elected
+                        agree = wd * elected > 0  # sign(wd) == elected: a 0 never agrees
                         mixed += tl.where(agree, wd, 0.0)
                         divisor += tl.where(agree, tl.load(w_ptr + i), 0.0)
                 mixed = _rnd(mixed, DT)
@@ -327,6 +334,51 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
 
 
 @triton.jit
+def _rescale_scale_kernel(parts_ptr, scale_ptr, like_ptr, nblocks, N, active_bits, eps, NORM: tl.constexpr,
+                          NP: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: each model's norms before / after its mask from the per-block partials [nblocks, 2, NP]
+    (reduced in a fixed order: deterministic), then scale_i = before / after as mergekit's 0-d tensors give it
+    (norms rounded to the dtype of like_ptr, the quotient too); fp32 norms where a dtype norm overflows; 1 where
+    a norm is below eps or bit i of active_bits is clear. Replaces ~15 small torch ops (host time per merge)."""
+    DT = like_ptr.dtype.element_ty
+    models = tl.arange(0, NP)
+    acc_b = tl.zeros((BLOCK, NP), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK, NP), dtype=tl.float32)
+    start = 0
+    while start < nblocks:  # (a range() over a runtime bound fails in Triton's interpreter under NumPy 2)
+        rows = start + tl.arange(0, BLOCK)
+        m = rows[:, None] < nblocks
+        b = tl.load(parts_ptr + (rows[:, None] * 2) * NP + models[None, :], mask=m, other=0.0)
+        a = tl.load(parts_ptr + (rows[:, None] * 2 + 1) * NP + models[None, :], mask=m, other=0.0)
+        if NORM == 3:
+            acc_b = tl.maximum(acc_b, b)
+            acc_a = tl.maximum(acc_a, a)
+        else:
+            acc_b += b
+            acc_a += a
+        start += BLOCK
+    if NORM == 3:
+        nb = tl.max(acc_b, 0)
+        na = tl.max(acc_a, 0)
+    else:
+        nb = tl.sum(acc_b, 0)
+        na = tl.sum(acc_a, 0)
+    if NORM == 2:
+        nb = tl.sqrt_rn(nb)
+        na = tl.sqrt_rn(na)
+    before = _rnd(nb, DT)
+    after = _rnd(na, DT)
+    ratio = _rnd(tl.math.div_rn(before, after), DT)
+    ok = (before >= eps) & (after >= eps)
+    big = float("inf")
+    wide = (tl.abs(before) == big) | (tl.abs(after) == big)  # the dtype's norm overflowed: take the fp32 one
+    ratio = tl.where(wide, tl.math.div_rn(nb, na), ratio)
+    ok = tl.where(wide, (nb >= eps) & (na >= eps), ok)
+    ok = ok & (((active_bits >> models) & 1) != 0)
+    tl.store(scale_ptr + models, tl.where(ok, ratio, 1.0), mask=models < N)
+
+
+@triton.jit
 def _consensus_kernel(d_ptr, out_ptr, M, N: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
@@ -346,6 +398,16 @@ def _consensus_kernel(d_ptr, out_ptr, M, N: tl.constexpr, COUNT: tl.constexpr, B
 
 
 # ------------------------------------------------------------------ host side
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small parameter tensor on ``device`` without a host sync: a plain host-to-GPU copy waits for the
+    whole stream, which leaves the GPU idle while Python prepares the next launches; a pinned buffer is
+    copied asynchronously (torch keeps it alive until the copy is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
 
 class _Plan:
     """One fused merge: the N input tensors (pointers), the per-model parameters, and the passes."""
@@ -367,13 +429,17 @@ class _Plan:
         self.weights = [1.0] * self.N
         self.scale = None  # device tensor [N] once rescaled
         self.later_first = False
+        self.has_lo = True      # False once select_bands sees every band start at rank 0
         self._edges_dev = None  # (K, J) of every edge as found on the device by the CUDA select
         self._packed = None
 
     def _pack(self):
         if self._packed is None:
-            f32 = torch.tensor(self.weights + self.dens + [1.0] * self.N, dtype=torch.float32).to(self.device)
-            i32 = torch.tensor(self.K + self.J + self.seeds, dtype=torch.int32).to(self.device)
+            # one upload: the fp32 parameters travel as their bits, and a zero NaN/Inf flag comes last
+            floats = self.weights + self.dens + [1.0] * self.N
+            bits = list(struct.unpack(f"{len(floats)}i", struct.pack(f"{len(floats)}f", *floats)))
+            buf = _to_device(bits + self.K + self.J + self.seeds + [0], torch.int32, self.device)
+            f32, i32 = buf[:len(floats)].view(torch.float32), buf[len(floats):]
             if self._edges_dev is not None:  # a later set() must not drop the edges the device found
                 i32[:4 * self.N].copy_(self._edges_dev)
             self._packed = (f32, i32)
@@ -396,6 +462,7 @@ class _Plan:
         and written into the packed parameters on the device; 'triton': by _hist_kernel passes here."""
         n = self.n
         self.later_first = later_first
+        self.has_lo = any(band is not None and band[0] > 0 for band in bands)
         targets = []  # per (model, edge): the edge position p, or None when it needs no search
         for i, band in enumerate(bands):
             lo, hi = band if band is not None else (0, n)
@@ -481,20 +548,24 @@ class _Plan:
             self.J[r] = lo + int(hits[j - before])
 
     # -- the fused passes
-    def launch(self, out, *, spars, consensus, normalize, rescale_norm, lambda_, phase, norms=None, flags=None):
+    def flag(self) -> torch.Tensor:
+        """The int32 [1] device flag that a phase-1 launch sets to 1 when an input holds NaN/Inf."""
+        return self._pack()[1][4 * self.N + 2:]
+
+    def launch(self, out, *, spars, consensus, normalize, rescale_norm, lambda_, phase, norms=None):
         f32, i32 = self._pack()
         N = self.N
         w, dens, ones = f32[:N], f32[N:2 * N], f32[2 * N:]
-        K, J, seeds = i32[:2 * N], i32[2 * N:4 * N], i32[4 * N:]
+        K, J, seeds, flag = i32[:2 * N], i32[2 * N:4 * N], i32[4 * N:4 * N + 2], i32[4 * N + 2:]
         scale = self.scale if self.scale is not None else ones
         _merge_kernel[(self.nblocks,)](
             *self.ptrs, self.base_ptr, out if out is not None else self.tensors[0], self.n,
             w, scale, dens, seeds, K, J,
-            norms if norms is not None else ones, flags if flags is not None else i32, float(lambda_),
+            norms if norms is not None else ones, flag, float(lambda_),
             N=N, HAS_BASE=self.base is not None, SPARS=spars, LATER_FIRST=self.later_first,
             CONSENSUS={None: 0, "sum": 1, "count": 2}[consensus], NORMALIZE=bool(normalize),
             RESCALE=NORM_CODE[rescale_norm], APPLY_LAMBDA=lambda_ != 1, PHASE=phase, TB=TB, SUB=SUB,
-            NP=triton.next_power_of_2(N), num_warps=NUM_WARPS,
+            NP=triton.next_power_of_2(N), HAS_LO=self.has_lo, num_warps=NUM_WARPS,
             # IEEE fp32 as torch computes it: no mul+add contraction into FMA (bit-identical results)
             enable_fp_fusion=False)
 
@@ -504,26 +575,22 @@ class _Plan:
         parts = torch.empty((self.nblocks, 2, NP), dtype=torch.float32, device=self.device)
         self.launch(None, spars=spars, consensus=None, normalize=False, rescale_norm=rescale_norm,
                     lambda_=1.0, phase=0, norms=parts)
-        parts = parts[:, :, :self.N]
-        norms = (parts.amax(0) if rescale_norm == "linf" else parts.sum(0)).t()  # [N, 2]: before, after
-        if rescale_norm == "l2":
-            norms = norms.sqrt()
-        dt = self.tensors[0].dtype
-        before, after = norms[:, 0].to(dt), norms[:, 1].to(dt)
-        ratio = (before / after).float()
-        ok = (before >= ref.RESCALE_EPS) & (after >= ref.RESCALE_EPS)
-        # a norm past the dtype's range (fp16 l1 sums): the fp32 norms, as masks.reference.rescale_factor does
-        wide = ~(torch.isfinite(before) & torch.isfinite(after))
-        ratio = torch.where(wide, norms[:, 0] / norms[:, 1], ratio)
-        ok = torch.where(wide, (norms[:, 0] >= ref.RESCALE_EPS) & (norms[:, 1] >= ref.RESCALE_EPS), ok)
-        ok &= torch.tensor(active, device=self.device)
-        self.scale = torch.where(ok, ratio, torch.ones_like(ratio)).contiguous()
+        scale = torch.empty(self.N, dtype=torch.float32, device=self.device)
+        _rescale_scale_kernel[(1,)](parts, scale, self.tensors[0], self.nblocks, self.N,
+                                    sum(1 << i for i, a in enumerate(active) if a), ref.RESCALE_EPS,
+                                    NORM=NORM_CODE[rescale_norm], NP=NP, BLOCK=256, num_warps=4,
+                                    enable_fp_fusion=False)
+        self.scale = scale
 
 
-def _raise_flags(flags: torch.Tensor, base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    """The kernel flags NaN/Inf somewhere in its inputs; name the tensor (error path only)."""
-    if not int(flags.item()):
-        return
+@functools.lru_cache(maxsize=256)
+def _rounded(values: tuple, dtype: torch.dtype) -> list:
+    """values rounded to dtype as mergekit's weight tensor holds them (cached: the same for every tensor)."""
+    return torch.tensor(values, dtype=dtype).float().tolist()
+
+
+def _raise_nonfinite(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """The kernel flagged NaN/Inf somewhere in its inputs; name the tensor (error path only)."""
     if not bool(torch.isfinite(base).all()):
         raise ValueError("base contains NaN/Inf values; it must be finite")
     for i, t in enumerate(tensors):
@@ -559,9 +626,11 @@ def merge_task_vectors(base, tensors, weights, **kwargs):
 
 
 def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, epsilons, gammas, lambda_,
-                        normalize, rescale_norm, generator=None, selector="triton"):
+                        normalize, rescale_norm, generator=None, selector="triton", fused=None):
     """The fused merge, with the band edges of magnitude / breadcrumbs found by ``selector`` ('triton' or
-    'cuda', see _Plan.select_bands); everything else is the same kernels."""
+    'cuda', see _Plan.select_bands); ``fused``: None (this module's fused pass) or another implementation of
+    it, fused(plan, out, spars=, consensus=, normalize=, rescale=, lambda_=), run for every method but DARE's
+    (whose Philox draw only the Triton kernel makes)."""
     dtype = base.dtype
     base = base.contiguous()
     ts = [t.to(dtype).contiguous() for t in tensors]
@@ -583,7 +652,7 @@ def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, 
                                                rescale_norm=rescale_norm, generator=generator, backend=None)
         ts = deltas
     plan = _Plan(plan_base, ts)
-    plan.set(weights=torch.tensor(list(weights), dtype=dtype).float().tolist())  # rounded as mergekit's weight tensor
+    plan.set(weights=_rounded(tuple(weights), dtype))
     if mode == SPARS_BAND:
         bands = []
         for i in range(N):
@@ -602,10 +671,13 @@ def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, 
     norm = rescale_norm if mode in (SPARS_BAND, SPARS_RANDOM) else None
     if norm is not None:
         plan.rescale(mode, norm, active)
-    flags = torch.zeros(1, dtype=torch.int32, device=base.device)
-    plan.launch(out, spars=mode, consensus=consensus, normalize=normalize,
-                rescale_norm=norm, lambda_=lambda_, phase=1, flags=flags)
-    _raise_flags(flags, base, ts)
+    if fused is not None and mode != SPARS_RANDOM:
+        fused(plan, out, spars=mode, consensus=consensus, normalize=normalize, rescale=norm is not None,
+              lambda_=lambda_)
+    else:
+        plan.launch(out, spars=mode, consensus=consensus, normalize=normalize, rescale_norm=norm, lambda_=lambda_,
+                    phase=1)
+    device_flag_check(plan.flag(), lambda: _raise_nonfinite(base, ts))
     return out
 
 
@@ -614,8 +686,9 @@ def magnitude_outliers(t, density, gamma, rescale_norm=None):
     return outliers_with_selector(t, density, gamma, rescale_norm, selector="triton")
 
 
-def outliers_with_selector(t, density, gamma, rescale_norm=None, selector="triton"):
-    """Breadcrumbs' band of one tensor, its edges found by ``selector`` (see _Plan.select_bands)."""
+def outliers_with_selector(t, density, gamma, rescale_norm=None, selector="triton", fused=None):
+    """Breadcrumbs' band of one tensor, its edges found by ``selector`` (see _Plan.select_bands), written by
+    ``fused`` (see merge_with_selector) or this module's pass."""
     if density >= 1:
         return t
     x = t.contiguous()
@@ -626,9 +699,12 @@ def outliers_with_selector(t, density, gamma, rescale_norm=None, selector="trito
     plan.select_bands([ref.breadcrumbs_band(x.numel(), density, gamma)], later_first=True, selector=selector)
     if rescale_norm is not None:
         plan.rescale(SPARS_BAND, rescale_norm, [True])
-    flags = torch.zeros(1, dtype=torch.int32, device=x.device)
-    plan.launch(out, spars=SPARS_BAND, consensus=None, normalize=False, rescale_norm=rescale_norm,
-                lambda_=1.0, phase=1, flags=flags)
+    if fused is not None:
+        fused(plan, out, spars=SPARS_BAND, consensus=None, normalize=False, rescale=rescale_norm is not None,
+              lambda_=1.0)
+    else:
+        plan.launch(out, spars=SPARS_BAND, consensus=None, normalize=False, rescale_norm=rescale_norm,
+                    lambda_=1.0, phase=1)
     return out
 
 
