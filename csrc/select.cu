@@ -27,11 +27,11 @@
 // can be located without another read. A one-block kernel picks each row's
 // digit on the device between passes: no host round trip anywhere; the caller reads nothing back.
 //
-// Measured (H200, 2026-12-02, 11008x4096 bf16): a pass over base + 3 models 0.20-0.21 ms (~1.8 TB/s; ncu: 37%
-// of DRAM peak, 59% SM, 2 blocks of 512 at 64 registers: atomics and key arithmetic bound), the whole select
-// of 3 edges 0.51 ms against 1.91 ms for the Triton select it replaced; whole-tensor top-k 0.25 ms bf16 /
-// 0.44 ms fp32 (2.9x / 2.5x torch.topk + mask). Merging equal-bin lanes with __match_any_sync before the
-// atomics was slower on every case measured (see count()).
+// Measured (H200, 2026-12-02, 11008x4096 bf16): a pass over base + 3 models 0.18-0.21 ms (~1.8-2 TB/s; ncu:
+// 37-41% of DRAM peak, 59-62% SM, 2 blocks of 512 at 64 registers, ~40% of stall cycles waiting on the
+// shared-memory atomics), the whole select of 3 edges 0.42 ms against 1.93 ms for the Triton select it
+// replaced; whole-tensor top-k 0.28 ms bf16 / 0.45 ms fp32 (2.5x torch.topk + mask). Merging equal-bin lanes
+// with __match_any_sync before the atomics was slower on every case measured (see count()).
 #include <algorithm>
 #include <cstdint>
 #include <vector>

@@ -15,7 +15,8 @@ inputs are N pointer arguments, so each pass reads every input once):
   for 4-7), keep = word / 2**32 < density_i: depends on the seed and the flat index only, never on the
   launch configuration.
 * della: the masks family's della_magprune on the materialised deltas, then the fused pass on the result.
-* rescale (l1 / l2 / linf): one reduction pass computing each model's norm before and after its mask.
+* rescale (l1 / l2 / linf): one reduction pass computing each model's norm before and after its mask (per-block
+  partials), then one single-program kernel turning them into the factors (no host round trip).
 * the fused pass: deltas, masks, rescale, weights, sign election, disjoint weighted mean, lambda, + base,
   one write; it also detects NaN/Inf in any input (x * 0 summed per block), so validation costs no read.
 
@@ -626,11 +627,9 @@ def merge_task_vectors(base, tensors, weights, **kwargs):
 
 
 def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, epsilons, gammas, lambda_,
-                        normalize, rescale_norm, generator=None, selector="triton", fused=None):
+                        normalize, rescale_norm, generator=None, selector="triton"):
     """The fused merge, with the band edges of magnitude / breadcrumbs found by ``selector`` ('triton' or
-    'cuda', see _Plan.select_bands); ``fused``: None (this module's fused pass) or another implementation of
-    it, fused(plan, out, spars=, consensus=, normalize=, rescale=, lambda_=), run for every method but DARE's
-    (whose Philox draw only the Triton kernel makes)."""
+    'cuda', see _Plan.select_bands); everything else is the same kernels."""
     dtype = base.dtype
     base = base.contiguous()
     ts = [t.to(dtype).contiguous() for t in tensors]
@@ -671,12 +670,8 @@ def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, 
     norm = rescale_norm if mode in (SPARS_BAND, SPARS_RANDOM) else None
     if norm is not None:
         plan.rescale(mode, norm, active)
-    if fused is not None and mode != SPARS_RANDOM:
-        fused(plan, out, spars=mode, consensus=consensus, normalize=normalize, rescale=norm is not None,
-              lambda_=lambda_)
-    else:
-        plan.launch(out, spars=mode, consensus=consensus, normalize=normalize, rescale_norm=norm, lambda_=lambda_,
-                    phase=1)
+    plan.launch(out, spars=mode, consensus=consensus, normalize=normalize, rescale_norm=norm, lambda_=lambda_,
+                phase=1)
     device_flag_check(plan.flag(), lambda: _raise_nonfinite(base, ts))
     return out
 
@@ -686,9 +681,8 @@ def magnitude_outliers(t, density, gamma, rescale_norm=None):
     return outliers_with_selector(t, density, gamma, rescale_norm, selector="triton")
 
 
-def outliers_with_selector(t, density, gamma, rescale_norm=None, selector="triton", fused=None):
-    """Breadcrumbs' band of one tensor, its edges found by ``selector`` (see _Plan.select_bands), written by
-    ``fused`` (see merge_with_selector) or this module's pass."""
+def outliers_with_selector(t, density, gamma, rescale_norm=None, selector="triton"):
+    """Breadcrumbs' band of one tensor, its edges found by ``selector`` (see _Plan.select_bands)."""
     if density >= 1:
         return t
     x = t.contiguous()
@@ -699,12 +693,8 @@ def outliers_with_selector(t, density, gamma, rescale_norm=None, selector="trito
     plan.select_bands([ref.breadcrumbs_band(x.numel(), density, gamma)], later_first=True, selector=selector)
     if rescale_norm is not None:
         plan.rescale(SPARS_BAND, rescale_norm, [True])
-    if fused is not None:
-        fused(plan, out, spars=SPARS_BAND, consensus=None, normalize=False, rescale=rescale_norm is not None,
-              lambda_=1.0)
-    else:
-        plan.launch(out, spars=SPARS_BAND, consensus=None, normalize=False, rescale_norm=rescale_norm,
-                    lambda_=1.0, phase=1)
+    plan.launch(out, spars=SPARS_BAND, consensus=None, normalize=False, rescale_norm=rescale_norm,
+                lambda_=1.0, phase=1)
     return out
 
 
