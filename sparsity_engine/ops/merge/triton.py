@@ -319,8 +319,8 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                     mixed = _rnd(mixed * lam, DT)
                 tl.store(out_ptr + idx, _rnd(b + mixed, DT).to(DT), mask=m)
     if PHASE == 0:
-        # per-block partial norms, reduced by the host in a fixed order: deterministic, and no contention on
-        # 2N addresses from every block (atomics there made this pass ~4x slower than a read)
+        # per-block partial norms, reduced by _rescale_scale_kernel in a fixed order: deterministic, and no
+        # contention on 2N addresses from every block (atomics there made this pass ~4x slower than a read)
         if RESCALE == 3:
             norm_before = tl.max(acc_before, 1)
             norm_after = tl.max(acc_after, 1)
