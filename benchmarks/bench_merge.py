@@ -156,6 +156,23 @@ def breakdown(report, shape, device):
             print(f"select {selector}: {exc!r}", flush=True)
     report.add(op="TIES part: fused merge pass", shape=sh, ms=bench(fused))
     report.add(op="DARE-TIES part: fused merge pass (in-kernel Philox)", shape=sh, ms=bench(dare_pass))
+    NP = 4
+    parts = torch.empty((dare.nblocks, 2, NP), dtype=torch.float32, device=device)
+    dare_norms = lambda: dare.launch(None, spars=mt.SPARS_RANDOM, consensus=None, normalize=False,  # noqa: E731
+                                     rescale_norm="l1", lambda_=1.0, phase=0, norms=parts)
+    report.add(op="DARE-TIES part: l1 norms pass (phase 0)", shape=sh, ms=bench(dare_norms))
+    try:
+        from sparsity_engine.ops.masks import cuda as mc
+
+        outs = torch.empty((N_MODELS,) + tuple(shape), dtype=base.dtype, device=device)
+        rows = torch.empty((base.numel() // shape[-1], 2, NP), dtype=torch.float32, device=device)
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        della = lambda: mc.della_deltas(ts, base, list(outs), [0.2] * N_MODELS, [0.2] * N_MODELS,  # noqa: E731
+                                        [1, 2, 3], 7, 1, rows, flag)
+        report.add(op="DELLA part: task vectors, ranks, draw, l1 terms (della_deltas kernel)", shape=sh,
+                   ms=bench(della))
+    except Exception as exc:  # no extension here: the other rows still count
+        print(f"della_deltas: {exc!r}", flush=True)
 
 
 def _kw(method):
@@ -187,9 +204,10 @@ def whole_model(report, device, *, hidden, inter, vocab, layers, total_layers):
     layer_names = [k for k in shapes if k.startswith("model.layers.")]
     other = [k for k in shapes if k not in layer_names]
 
-    def timed(fn, reps=3):
-        """Best of ``reps`` wall times (ms): the first run after another method's also pays for allocations."""
-        best = float("inf")
+    def timed(fn, reps=5):
+        """Wall times (ms) of ``reps`` runs, sorted. The median is reported: ours is bound by host (Python) time
+        on some lent machines, which varies from run to run by up to 1.5x (H200, 2026-12-02)."""
+        times = []
         for _ in range(reps):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -197,9 +215,9 @@ def whole_model(report, device, *, hidden, inter, vocab, layers, total_layers):
             out = fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) * 1e3)
+            times.append((time.perf_counter() - t0) * 1e3)
             del out
-        return best
+        return sorted(times)
 
     for method in ("ties", "dare_ties", "della"):
         def ours(names):
@@ -213,15 +231,19 @@ def whole_model(report, device, *, hidden, inter, vocab, layers, total_layers):
         for label, fn in (("ours", ours), ("mergekit", anchor)):
             try:
                 fn(layer_names[:9])  # warm-up: compiles kernels, fills the allocator
+                fn(other)
                 t_layers = timed(lambda: fn(layer_names))
                 t_other = timed(lambda: fn(other))
             except Exception as exc:
                 print(f"whole-model {method} {label} failed: {exc!r}", flush=True)
-                t_layers = t_other = float("nan")
-            row[f"{label}_subset_ms"] = t_layers + t_other
-            row[f"{label}_7B_est_s"] = (t_layers / layers * total_layers + t_other) / 1e3
+                t_layers = t_other = [float("nan")] * 5
+            med = lambda v: v[len(v) // 2]  # noqa: E731
+            row[f"{label}_subset_ms"] = med(t_layers) + med(t_other)
+            row[f"{label}_subset_range_ms"] = f"{t_layers[0] + t_other[0]:.1f}-{t_layers[-1] + t_other[-1]:.1f}"
+            row[f"{label}_7B_est_s"] = (med(t_layers) / layers * total_layers + med(t_other)) / 1e3
         row["speedup"] = row["mergekit_7B_est_s"] / row["ours_7B_est_s"]
-        row["note"] = f"extrapolated: {layers} of {total_layers} decoder layers measured (+ embeddings, head, norm)"
+        row["note"] = (f"median of 5; extrapolated: {layers} of {total_layers} decoder layers measured (+ embeddings, "
+                       "head, norm)")
         report.add(**row)
 
 
@@ -237,7 +259,7 @@ def main(argv=None):
     shapes = [(67, 45), (128, 96)] if args.quick else [(11008, 4096), (28672, 8192)]
     bw = copy_bandwidth(device)
     report = Report("merge", "fused GTA merges (3 models, bf16) vs mergekit's torch path; whole-model merge")
-    parts = Report("merge_breakdown", "TIES / DARE-TIES kernels alone (bf16, 3 models)")
+    parts = Report("merge_breakdown", "TIES / DARE-TIES / DELLA kernels alone (bf16, 3 models)")
     if not args.skip_tensors:
         per_tensor(report, shapes, device, bw, methods)
         report.print_table()

@@ -1,5 +1,8 @@
 // Python bindings of the mask kernels (csrc/masks.cu, csrc/masks_della.cu); see sparsity_engine/ops/masks/cuda.py.
 #include <cstdint>
+#include <vector>
+
+#include <pybind11/stl.h>
 
 #include "registry.h"
 
@@ -9,6 +12,10 @@ void masks_nm_mask(uintptr_t scores, uintptr_t out, int64_t numel, int64_t n, in
 int64_t masks_della_max_cols(int dtype);
 void masks_della_probs(uintptr_t x, uintptr_t probs, int64_t rows, int64_t n, double lo, double span, int dtype,
                        uintptr_t stream);
+void masks_della_deltas(const std::vector<uintptr_t>& inputs, const std::vector<uintptr_t>& outs, uintptr_t base,
+                        int64_t rows, int64_t n, const std::vector<double>& lo, const std::vector<double>& span,
+                        const std::vector<int64_t>& seeds, int active, int norm, uintptr_t parts, int np,
+                        uintptr_t bad, int dtype, uintptr_t stream);
 
 SE_BINDINGS(masks) {
   m.def("masks_nm_mask", &masks_nm_mask,
@@ -19,6 +26,12 @@ SE_BINDINGS(masks) {
         "radix sort): probs[rows, n] fp32 = "
         "clamp(lo + span * mean_rank / (n - 1), 0, 1); args: x ptr, probs ptr, rows, n, lo, span, dtype code, "
         "stream");
+  m.def("masks_della_deltas", &masks_della_deltas,
+        "Fused DELLA task vectors of a merge: out_i = (t_i - base) where u(seed_i, flat index) < p (DELLA's "
+        "rank-based probability in each row), unmasked for models whose bit in active is clear; per-row norm "
+        "terms before / after the mask into parts [rows, 2, np] (norm 1 l1, 2 l2, 3 linf, 0 none); bad set to 1 "
+        "on NaN/Inf deltas. args: input ptrs, out ptrs, base ptr, rows, n, lo, span, seeds, active bits, norm, "
+        "parts ptr, np, bad ptr, dtype code (kF16/kBF16), stream");
   m.def("masks_della_max_cols", &masks_della_max_cols, "longest row masks_della_probs accepts for a dtype code");
   m.def("masks_nm_mask_max_m", &masks_nm_mask_max_m, "largest group size m masks_nm_mask accepts");
 }

@@ -1,4 +1,4 @@
-"""Per-kernel GPU time of one TIES merge (CUDA select + fused pass), a rescaled DARE-TIES merge and the
+"""Per-kernel GPU time of one TIES merge (CUDA select + fused pass), a rescaled DARE-TIES merge, a DELLA merge and the
 whole-tensor top-k (torch profiler; bf16, 3 models, 11008x4096 unless --shape). For finding where time goes."""
 import argparse
 
@@ -13,6 +13,8 @@ def main():
     ap.add_argument("--shape", default="11008x4096")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--fused-ab", action="store_true", help="time the fused merge pass at other tile / warp counts")
+    ap.add_argument("--philox-ab", action="store_true",
+                    help="time the DARE passes (norms, merge) with and without the in-kernel Philox draw")
     ap.add_argument("--case", help="only call this case --reps times, no profiler (for ncu: -k regex:NAME)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -22,11 +24,15 @@ def main():
     cases = {
         "ties": lambda: se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], method="ties", density=0.3),
         "dare_ties l1": lambda: se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], method="dare_ties", density=0.3),
+        "della": lambda: se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], method="della", density=0.3, epsilon=0.1),
         "topk_mask bf16": lambda: se.topk_mask(base, 0.3),
         "topk_mask fp32": lambda: se.topk_mask(x32, 0.3),
     }
     if args.fused_ab:
         fused_ab(base, ts)
+        return
+    if args.philox_ab:
+        philox_ab(base, ts)
         return
     if args.case:
         for _ in range(args.reps):
@@ -65,6 +71,22 @@ def fused_ab(base, ts):
         print(f"SUB={sub:5d} warps={warps}: ties pass {ties * 1e3:7.1f} us, dare pass {dt * 1e3:7.1f} us, "
               f"dare l1 norms {norms * 1e3:7.1f} us", flush=True)
     mt.SUB, mt.NUM_WARPS = saved
+
+
+def philox_ab(base, ts):
+    """Phase 0 (l1 norms) and phase 1 (merge) of DARE-TIES against the same passes with no draw (keep all)."""
+    import triton.testing
+    from sparsity_engine.ops.merge import triton as mt
+    out = torch.empty_like(base)
+    plan = mt._Plan(base, ts)
+    plan.set(dens=[0.3] * len(ts), seeds=[1, 2])
+    parts = torch.empty((plan.nblocks, 2, 4), dtype=torch.float32, device="cuda")
+    for label, spars in (("random", mt.SPARS_RANDOM), ("no draw", mt.SPARS_NONE)):
+        p0 = triton.testing.do_bench(lambda: plan.launch(None, spars=spars, consensus=None, normalize=False,
+                                                         rescale_norm="l1", lambda_=1.0, phase=0, norms=parts))
+        p1 = triton.testing.do_bench(lambda: plan.launch(out, spars=spars, consensus="sum", normalize=False,
+                                                         rescale_norm="l1", lambda_=1.0, phase=1))
+        print(f"{label:8s}: norms pass {p0 * 1e3:7.1f} us, merge pass {p1 * 1e3:7.1f} us", flush=True)
 
 
 if __name__ == "__main__":

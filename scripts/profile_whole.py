@@ -1,6 +1,7 @@
 """Where a whole-model merge spends host time: cProfile of merge_state_dicts on LLaMA-7B-shaped bf16 tensors
 (2 decoder layers + embeddings, head, norm; base + 3 fine-tuned), GPU time from CUDA events, and A/B timings
-of the host-side choices (synchronous parameter copies, no deferred flag checks)."""
+of the host-side choices (synchronous parameter copies, no deferred flag checks). Methods: the arguments
+(default ties dare_ties)."""
 import contextlib
 import cProfile
 import io
@@ -41,7 +42,7 @@ def timed(fn, reps=3):
 def main():
     base, fts = state()
     w = [1.0, 0.8, 0.6]
-    for method in ("ties", "dare_ties"):
+    for method in sys.argv[1:] or ("ties", "dare_ties"):
         run = lambda: sm.merge_state_dicts(base, fts, w, method=method, density=0.3, out_device=None)  # noqa: E731
         run()
         print(f"== {method}: {len(base)} tensors, new {timed(run):.2f} ms", flush=True)

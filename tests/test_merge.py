@@ -302,6 +302,28 @@ def test_dare_linear_keep_rate_rescale_and_reproducibility(backend):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("n_models", [3, 6])
+def test_dare_keep_bits_of_the_norms_pass_are_the_draw(n_models):
+    """A rescaled DARE merge draws once: the norms pass stores each entry's keep decisions (a bit per model) and
+    the merge pass reads them. Reading them must give exactly the merge that draws again (models 4-7 use the
+    second seed)."""
+    from sparsity_engine.ops.merge import triton as mt
+
+    base, ts = _models((37, 301), n_models, torch.bfloat16, KERNEL_DEVICE)
+    plan = mt._Plan(base, ts)
+    plan.set(dens=[0.3, 0.5, 0.7, 0.2, 0.9, 0.4][:n_models], seeds=[5, 9], weights=[1.0, -0.5, 0.8, 0.3, 1.2, 0.7][:n_models])
+    kw = dict(consensus="sum", normalize=True, rescale_norm=None, lambda_=1.0, phase=1)
+    drawn, stored = torch.empty_like(base), torch.empty_like(base)
+    plan.launch(drawn, spars=mt.SPARS_RANDOM, **kw)
+    plan.rescale(mt.SPARS_RANDOM, "l1", [True] * n_models)
+    assert plan.bits is not None and plan.bits.dtype == torch.uint8
+    plan.scale = None  # the masks alone
+    plan.launch(stored, spars=mt.SPARS_BITS, bits=plan.bits, **kw)
+    assert torch.equal(drawn, stored)
+    rates = [((plan.bits >> i) & 1).float().mean().item() for i in range(n_models)]
+    assert all(abs(r - d) < 0.02 for r, d in zip(rates, [0.3, 0.5, 0.7, 0.2, 0.9, 0.4])), rates
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_dare_expected_value(backend):
     """DARE with the L1 rescale is unbiased: over many seeds the mean approaches the unsparsified merge."""
@@ -330,6 +352,69 @@ def test_della_keep_rate_favours_large_entries(backend, method):
     assert abs(kept.float().mean().item() - 0.5) < 0.03
     large = delta >= delta.median(dim=1, keepdim=True).values
     assert kept[large].float().mean() > kept[~large].float().mean() + 0.1  # about 0.6 against 0.4
+
+
+def _della_seeds(n_models, dev, seed):
+    """The seeds a merge draws from torch.Generator(dev).manual_seed(seed): one per model, in one call."""
+    return torch.randint(0, 2**31 - 1, (n_models,), generator=torch.Generator(device=dev).manual_seed(seed),
+                         device=dev).tolist()
+
+
+def _della_expected(base, ts, weights, densities, epsilon, seeds, rescale, consensus, normalize):
+    """The DELLA merge the kernels promise for these seeds, built from reference parts: model i keeps entry e
+    iff philox_uniforms(seeds[i])[e] < della_probabilities(delta_i)[e], rescaled and combined by the reference."""
+    from sparsity_engine.ops.masks import reference as mref
+    from sparsity_engine.ops.masks.triton import philox_uniforms
+    from sparsity_engine.ops.merge import reference as ref
+
+    sparse = []
+    for t, d, seed in zip(ts, densities, seeds):
+        delta = t - base
+        if d < 1:
+            p = mref.della_probabilities(delta, d, min(epsilon, d, 1 - d))
+            u = philox_uniforms(seed, delta.numel(), delta.device).view(delta.shape)
+            delta = ref.rescale_masked(delta, delta * (u < p).to(delta.dtype), rescale)
+        sparse.append(delta)
+    return ref.combine_deltas(base, sparse, weights, consensus=consensus, normalize=normalize, lambda_=1.0)
+
+
+DELLA_CASES = [  # shape, densities, dtype (odd rows: Philox groups of four straddle rows)
+    ((37, 203), [0.5, 0.3, 1.0], torch.bfloat16),
+    ((301,), [0.2, 0.0, 0.7, 0.5, 0.6], torch.float16),
+    ((3, 5, 7), [0.4], torch.bfloat16),
+    ((16, 64), [0.5, 0.6], torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape,densities,dtype", DELLA_CASES)
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_merge_matches_its_draw_exactly(backend, shape, densities, dtype, method):
+    """Without a rescale the kernels' DELLA merge is exactly the reference's probabilities, the documented
+    Philox uniforms and the reference combination (every backend, every dtype, a model with density 0 and
+    one with density 1)."""
+    base, ts = _models(shape, len(densities), dtype, KERNEL_DEVICE)
+    w = [1.0, 0.7, -0.4, 0.9, 0.5][:len(densities)]
+    spec = METHODS[method]
+    got = se.merge_task_vectors(base, ts, w, method=method, density=densities, epsilon=0.2, rescale=False,
+                                generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(11), backend=backend)
+    expected = _della_expected(base, ts, w, densities, 0.2, _della_seeds(len(ts), KERNEL_DEVICE, 11), None,
+                               spec.consensus, spec.normalize)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("rescale", ["l1", "l2", "linf"])
+def test_della_merge_rescaled_matches_its_draw(backend, rescale):
+    """With a rescale only the order of the norm sums differs from the reference (one rounding of the factor)."""
+    base, ts = _models((45, 130), 3, torch.bfloat16, KERNEL_DEVICE)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.5, 0.8], method="della", density=0.4, epsilon=0.1,
+                                rescale=rescale, generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(3),
+                                backend=backend)
+    expected = _della_expected(base, ts, [1.0, 0.5, 0.8], [0.4] * 3, 0.1, _della_seeds(3, KERNEL_DEVICE, 3),
+                               rescale, "sum", True)
+    assert_rel_close((got - base).float(), (expected - base).float(), 1e-2, rescale)
+    assert ((got != base) == (expected != base)).float().mean() > 0.999
 
 
 # ---------------------------------------------------------------- state dicts
@@ -468,6 +553,51 @@ def test_cuda_merge_flags_nonfinite_anywhere(dtype):
         (b if where == "base" else t[int(where[-2])]).view(-1)[pos] = float("nan")
         with pytest.raises(ValueError, match=rf"{re.escape(where)} contains NaN/Inf"):
             se.merge_task_vectors(b, t, [1.0, 1.0, 1.0], method="ties", density=0.5, backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,dtype", [((256, 4096), torch.bfloat16), ((100, 11008), torch.bfloat16),
+                                         ((64, 1001), torch.float16), ((4096,), torch.bfloat16)])
+def test_cuda_della_merge_real_size_matches_its_draw(shape, dtype):
+    """The fused CUDA DELLA (csrc/masks_della.cu della_deltas_kernel) at LLaMA row lengths, task-vector-like
+    deltas (many equal bf16 magnitudes), against the reference probabilities and the documented uniforms."""
+    base, ts = _models(shape, 3, dtype, "cuda", scale=0.01)
+    ts[1][::2] = base[::2]  # rows (or entries) whose deltas are all zero: ranked apart from the histogram
+    kw = dict(method="della", density=[0.3, 0.5, 0.7], epsilon=0.15, backend="cuda")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    got = se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], rescale=False, generator=g, **kw)
+    expected = _della_expected(base, ts, [1.0, 0.8, 0.6], [0.3, 0.5, 0.7], 0.15, _della_seeds(3, "cuda", 5), None,
+                               "sum", True)
+    assert torch.equal(got, expected)
+    # the l1 rescale (della's default): equal up to the order of the norm sums
+    got = se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], generator=g.manual_seed(5), **kw)
+    expected = _della_expected(base, ts, [1.0, 0.8, 0.6], [0.3, 0.5, 0.7], 0.15, _della_seeds(3, "cuda", 5), "l1",
+                               "sum", True)
+    assert_rel_close((got - base).float(), (expected - base).float(), 1e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_della_merge_unaligned_views_and_bad_input():
+    """Inputs that are views at an odd element offset take the kernel's scalar path; NaN/Inf anywhere, or a
+    task vector that overflows the dtype, raise naming the tensor."""
+    store = torch.randn(4 * 64 * 129 + 1, device="cuda").to(torch.bfloat16)
+    base = store[1:1 + 64 * 129].view(64, 129)
+    ts = [(base.float() + 0.01 * torch.randn_like(base.float())).to(torch.bfloat16) for _ in range(2)]
+    ts = [store[1 + (i + 1) * 64 * 129:1 + (i + 2) * 64 * 129].view(64, 129).copy_(t) for i, t in enumerate(ts)]
+    kw = dict(method="della", density=0.5, epsilon=0.2, rescale=False)
+    got = se.merge_task_vectors(base, ts, [1.0, 1.0], generator=torch.Generator(device="cuda").manual_seed(2),
+                                backend="cuda", **kw)
+    expected = _della_expected(base, ts, [1.0, 1.0], [0.5, 0.5], 0.2, _della_seeds(2, "cuda", 2), None, "sum", True)
+    assert torch.equal(got, expected)
+    for where, pos in [("base", 0), ("tensors[1]", 64 * 129 - 1), ("tensors[0]", 3000)]:
+        b, t = base.clone(), [x.clone() for x in ts]
+        (b if where == "base" else t[int(where[-2])]).view(-1)[pos] = float("inf")
+        with pytest.raises(ValueError, match=rf"{re.escape(where)} contains NaN/Inf"):
+            se.merge_task_vectors(b, t, [1.0, 1.0], backend="cuda", **kw)
+    b = torch.full((8, 16), -60000.0, device="cuda", dtype=torch.float16)
+    t = [torch.full_like(b, 60000.0)]
+    with pytest.raises(ValueError, match=r"tensors\[0\] - base overflows float16"):
+        se.merge_task_vectors(b, t, [1.0], backend="cuda", **kw)
 
 
 @pytest.mark.cuda

@@ -67,6 +67,25 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     return probs
 
 
+def della_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, outs: Sequence[torch.Tensor], lo: Sequence[float],
+                 span: Sequence[float], seeds: Sequence[int], active_bits: int, norm_code: int,
+                 parts: Optional[torch.Tensor], bad: torch.Tensor) -> None:
+    """DELLA task vectors of a merge in one kernel (csrc/masks_della.cu della_deltas_kernel), nothing read back.
+
+    tensors, outs: N <= 8 contiguous fp16 / bf16 tensors shaped like base (rows are the last dim, at most
+    DELLA_MAX_COLS long). outs[i] = (tensors[i] - base) kept where u(seeds[i], flat index) < p_i, p_i =
+    clamp(lo[i] + span[i] * mean_rank / (n - 1), 0, 1) (as della_probabilities), u the uniform of
+    triton.philox_uniforms; unmasked where bit i of active_bits is clear. norm_code 1 / 2 / 3 (l1 / l2 / linf):
+    parts [rows, 2, NP] fp32 receives each row's norm terms before / after the mask (NP >= N). bad: int32
+    device flag set to 1 when some t - base is NaN/Inf."""
+    n = base.shape[-1] if base.dim() else 1
+    rows = base.numel() // n
+    load_extension().masks_della_deltas(
+        [t.data_ptr() for t in tensors], [o.data_ptr() for o in outs], base.data_ptr(), rows, n, list(lo),
+        list(span), list(seeds), active_bits, norm_code, parts.data_ptr() if parts is not None else 0,
+        parts.shape[-1] if parts is not None else 0, bad.data_ptr(), dtype_code(base.dtype), stream_ptr(base))
+
+
 @register("della_magprune", "cuda", supports=_della_supports)
 def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm, generator) -> torch.Tensor:
     """Ranks by csrc/masks_della.cu, then the Triton backend's Philox draw with a seed drawn the same way,

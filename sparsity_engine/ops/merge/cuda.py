@@ -1,7 +1,8 @@
 """CUDA backend of the merge ops: the Triton fused merge with its magnitude / breadcrumbs band edges found by
 the CUDA radix select (csrc/select.cu, via sparsity_engine.ops.masks.cuda.select_edges): two read passes for
-fp16/bf16 and four for fp32, histograms in shared memory, no host round trip. Methods without a magnitude
-band (task arithmetic, DARE, DELLA) run exactly the Triton backend's kernels."""
+fp16/bf16 and four for fp32, histograms in shared memory, no host round trip); DELLA with its task vectors
+ranked, drawn and sparsified by one CUDA kernel (csrc/masks_della.cu della_deltas, fp16 / bf16). Task
+arithmetic and DARE run exactly the Triton backend's kernels."""
 from __future__ import annotations
 
 from typing import List

@@ -137,7 +137,17 @@ def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], weig
         delta = t.to(dtype) - base
         deltas.append(sparsify_delta(delta, spars, densities[i], gamma=gammas[i], epsilon=epsilons[i],
                                      rescale_norm=rescale_norm, generator=generator))
-    stacked = torch.stack(deltas, dim=0)
+    return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def combine_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
+                   consensus: Optional[str], normalize: bool, lambda_: float) -> torch.Tensor:
+    """The merge after sparsification: weights, sign election, disjoint (weighted) mean, lambda, + base.
+
+    deltas: N sparsified task vectors in base's dtype and shape. Also the oracle for kernels that sparsify
+    with their own draws (tests rebuild the draw, then combine here)."""
+    dtype = base.dtype
+    stacked = torch.stack(list(deltas), dim=0)
     w = torch.tensor(list(weights), dtype=dtype, device=base.device).reshape((-1,) + (1,) * base.dim())
     weighted = stacked * w
     if consensus is not None:

@@ -13,8 +13,12 @@ inputs are N pointer arguments, so each pass reads every input once):
   the last pass's per-block counts of K plus one block scanned by torch.
 * random (DARE): no pre-pass; one Philox call per entry gives four 32-bit words (models 0-3; a second seed
   for 4-7), keep = word / 2**32 < density_i: depends on the seed and the flat index only, never on the
-  launch configuration.
-* della: the masks family's della_magprune on the materialised deltas, then the fused pass on the result.
+  launch configuration. With a rescale the norms pass draws and stores the decisions (a bit per model, a
+  byte per entry) and the merge pass reads them: the draw is most of either pass's time.
+* della: on the CUDA backend (fp16 / bf16 rows of up to 65535) one kernel per (row, model) forms the task
+  vector, ranks its row by a shared-memory histogram, draws with the masks family's Philox uniforms (seed
+  per model), writes the sparsified delta and the row's norm terms (csrc/masks_della.cu della_deltas);
+  otherwise the deltas are materialised and drawn by the masks family's kernels. Then the fused pass.
 * rescale (l1 / l2 / linf): one reduction pass computing each model's norm before and after its mask (per-block
   partials), then one single-program kernel turning them into the factors (no host round trip).
 * the fused pass: deltas, masks, rescale, weights, sign election, disjoint weighted mean, lambda, + base,
@@ -51,7 +55,9 @@ TB = 4096           # entries per program of the select and merge passes (tie ra
 SUB = 512           # entries per sub-tile inside a program: 4 warps at 4 entries per thread
 NUM_WARPS = 4
 INT_MAX = 2**31 - 1
-SPARS_NONE, SPARS_BAND, SPARS_RANDOM, SPARS_PRESPARSE = 0, 1, 2, 3
+# SPARS_BITS: the keep decisions of a random draw, one bit per model in a byte per entry, written by the norms
+# pass (phase 0) so that the merge pass reads them instead of drawing again
+SPARS_NONE, SPARS_BAND, SPARS_RANDOM, SPARS_PRESPARSE, SPARS_BITS = 0, 1, 2, 3, 4
 NORM_CODE = {None: 0, "l1": 1, "l2": 2, "linf": 3}
 
 
@@ -136,8 +142,9 @@ def _before(key, idx, row: tl.constexpr, k_ptr, j_ptr, LATER_FIRST: tl.constexpr
 @triton.jit
 def _keep(d, idx, i: tl.constexpr, k_ptr, j_ptr, dens_ptr, rnd, SPARS: tl.constexpr, LATER_FIRST: tl.constexpr,
           HAS_LO: tl.constexpr):
-    """Model i's keep mask: band of magnitude ranks (1), Bernoulli(density_i) from the random word (2), all.
-    HAS_LO False: every band starts at rank 0 (magnitude), so the lower edge is not tested."""
+    """Model i's keep mask: band of magnitude ranks (1), Bernoulli(density_i) from the random word (2), bit i of
+    the stored keep byte ``rnd`` (4), all (0, 3). HAS_LO False: every band starts at rank 0 (magnitude), so the
+    lower edge is not tested."""
     if SPARS == 1:
         key = _key(d)
         keep = _before(key, idx, 2 * i + 1, k_ptr, j_ptr, LATER_FIRST)
@@ -147,6 +154,8 @@ def _keep(d, idx, i: tl.constexpr, k_ptr, j_ptr, dens_ptr, rnd, SPARS: tl.conste
     elif SPARS == 2:
         u = (rnd >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits: a uniform in [0, 1)
         keep = u < tl.load(dens_ptr + i)
+    elif SPARS == 4:
+        keep = ((rnd >> i) & 1) != 0
     else:
         keep = rnd == rnd
     return keep
@@ -158,6 +167,25 @@ def _norm_terms(v, NORM: tl.constexpr):
     if NORM == 2:
         a = a * a
     return a
+
+
+@triton.jit
+def _acc(acc, v, NORM: tl.constexpr):
+    """acc + v, or max(acc, v) for linf (NORM 3)."""
+    if NORM == 3:
+        r = tl.maximum(acc, v)
+    else:
+        r = acc + v
+    return r
+
+
+@triton.jit
+def _reduce(acc, NORM: tl.constexpr):
+    if NORM == 3:
+        r = tl.max(acc, 0)
+    else:
+        r = tl.sum(acc, 0)
+    return r
 
 
 @triton.jit
@@ -200,21 +228,23 @@ def _hist_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, n, prefix_ptr, out_pt
 
 @triton.jit
 def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, scale_ptr, dens_ptr, seed_ptr,
-                  k_ptr, j_ptr, norm_ptr, flag_ptr, lam,
+                  k_ptr, j_ptr, norm_ptr, flag_ptr, bits_ptr, lam,
                   N: tl.constexpr, HAS_BASE: tl.constexpr, SPARS: tl.constexpr, LATER_FIRST: tl.constexpr,
                   CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, RESCALE: tl.constexpr,
                   APPLY_LAMBDA: tl.constexpr, PHASE: tl.constexpr, TB: tl.constexpr, SUB: tl.constexpr,
-                  NP: tl.constexpr, HAS_LO: tl.constexpr):
+                  NP: tl.constexpr, HAS_LO: tl.constexpr, WRITE_BITS: tl.constexpr):
     """One program per block of TB entries, walked in sub-tiles of SUB (few registers, many warps in flight).
-    PHASE 0: per-model norms before / after the mask of this block into norm_ptr [nblocks, 2, NP].
+    PHASE 0: per-model norms before / after the mask of this block into norm_ptr [nblocks, 2, NP]; WRITE_BITS:
+    also each entry's keep decisions (bit i: model i) into bits_ptr [n] uint8, for a phase 1 with SPARS 4.
     PHASE 1: the fused merge, writing out; flag_ptr[0] = 1 if any input holds NaN/Inf."""
     pid = tl.program_id(0)
     DT = out_ptr.dtype.element_ty
-    models = tl.arange(0, NP)
-    # PHASE 0: element-wise accumulators per model, reduced once per program (a block-wide reduction per model
-    # and sub-tile costs a barrier each)
-    acc_before = tl.zeros((NP, SUB), dtype=tl.float32)
-    acc_after = tl.zeros((NP, SUB), dtype=tl.float32)
+    # PHASE 0: element-wise accumulators per model (bi before, ai after the mask), reduced once per program
+    # (a block-wide reduction per model and sub-tile costs a barrier each); one [N, SUB] array selected by model
+    # costed a compare and a select per model and entry
+    b0 = tl.zeros((SUB,), dtype=tl.float32)
+    b1, b2, b3, b4, b5, b6, b7 = b0, b0, b0, b0, b0, b0, b0
+    a0, a1, a2, a3, a4, a5, a6, a7 = b0, b0, b0, b0, b0, b0, b0, b0
     nonfinite = tl.zeros((SUB,), dtype=tl.float32)
     for s in range(0, TB, SUB):
         if pid * TB + s < n:  # the last block may be partial
@@ -237,19 +267,36 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
                 r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), idx)
                 if N > 4:
                     r4, r5, r6, r7 = tl.randint4x(tl.load(seed_ptr + 1), idx)
+            elif SPARS == 4:
+                r0 = tl.load(bits_ptr + idx, mask=m, other=0).to(tl.uint32)
+                r1, r2, r3, r4, r5, r6, r7 = r0, r0, r0, r0, r0, r0, r0
             if PHASE == 0:
+                kbits = tl.zeros((SUB,), dtype=tl.uint32)
                 for i in tl.static_range(N):
                     _, d = _load_delta(_pick(i, t0, t1, t2, t3, t4, t5, t6, t7), idx, m, b, HAS_BASE, SPARS == 3)
                     keep = _keep(d, idx, i, k_ptr, j_ptr, dens_ptr, _pick(i, r0, r1, r2, r3, r4, r5, r6, r7),
                                  SPARS, LATER_FIRST, HAS_LO)
                     before = _norm_terms(d.to(tl.float32), RESCALE)
                     after = tl.where(keep, before, 0.0)
-                    if RESCALE == 3:
-                        acc_before = tl.where(models[:, None] == i, tl.maximum(acc_before, before[None, :]), acc_before)
-                        acc_after = tl.where(models[:, None] == i, tl.maximum(acc_after, after[None, :]), acc_after)
+                    kbits = kbits | (keep.to(tl.uint32) << i)
+                    if i == 0:
+                        b0, a0 = _acc(b0, before, RESCALE), _acc(a0, after, RESCALE)
+                    elif i == 1:
+                        b1, a1 = _acc(b1, before, RESCALE), _acc(a1, after, RESCALE)
+                    elif i == 2:
+                        b2, a2 = _acc(b2, before, RESCALE), _acc(a2, after, RESCALE)
+                    elif i == 3:
+                        b3, a3 = _acc(b3, before, RESCALE), _acc(a3, after, RESCALE)
+                    elif i == 4:
+                        b4, a4 = _acc(b4, before, RESCALE), _acc(a4, after, RESCALE)
+                    elif i == 5:
+                        b5, a5 = _acc(b5, before, RESCALE), _acc(a5, after, RESCALE)
+                    elif i == 6:
+                        b6, a6 = _acc(b6, before, RESCALE), _acc(a6, after, RESCALE)
                     else:
-                        acc_before = tl.where(models[:, None] == i, acc_before + before[None, :], acc_before)
-                        acc_after = tl.where(models[:, None] == i, acc_after + after[None, :], acc_after)
+                        b7, a7 = _acc(b7, before, RESCALE), _acc(a7, after, RESCALE)
+                if WRITE_BITS:
+                    tl.store(bits_ptr + idx, kbits.to(tl.uint8), mask=m)
             else:
                 # x * 0 is 0 for finite x and NaN for NaN/Inf: one multiply-add per input finds bad inputs, and
                 # the host names the culprit (only on that error path)
@@ -321,14 +368,9 @@ def _merge_kernel(t0, t1, t2, t3, t4, t5, t6, t7, base_ptr, out_ptr, n, w_ptr, s
     if PHASE == 0:
         # per-block partial norms, reduced by _rescale_scale_kernel in a fixed order: deterministic, and no
         # contention on 2N addresses from every block (atomics there made this pass ~4x slower than a read)
-        if RESCALE == 3:
-            norm_before = tl.max(acc_before, 1)
-            norm_after = tl.max(acc_after, 1)
-        else:
-            norm_before = tl.sum(acc_before, 1)
-            norm_after = tl.sum(acc_after, 1)
-        tl.store(norm_ptr + (pid * 2) * NP + models, norm_before)
-        tl.store(norm_ptr + (pid * 2 + 1) * NP + models, norm_after)
+        for i in tl.static_range(N):
+            tl.store(norm_ptr + (pid * 2) * NP + i, _reduce(_pick(i, b0, b1, b2, b3, b4, b5, b6, b7), RESCALE))
+            tl.store(norm_ptr + (pid * 2 + 1) * NP + i, _reduce(_pick(i, a0, a1, a2, a3, a4, a5, a6, a7), RESCALE))
     else:
         bad = tl.sum(nonfinite, 0) != 0
         tl.atomic_max(flag_ptr, 1, mask=bad)
@@ -429,6 +471,7 @@ class _Plan:
         self.seeds = [0, 0]
         self.weights = [1.0] * self.N
         self.scale = None  # device tensor [N] once rescaled
+        self.bits = None   # uint8 [n] keep decisions of a random draw, once the norms pass stored them
         self.later_first = False
         self.has_lo = True      # False once select_bands sees every band start at rank 0
         self._edges_dev = None  # (K, J) of every edge as found on the device by the CUDA select
@@ -553,7 +596,9 @@ class _Plan:
         """The int32 [1] device flag that a phase-1 launch sets to 1 when an input holds NaN/Inf."""
         return self._pack()[1][4 * self.N + 2:]
 
-    def launch(self, out, *, spars, consensus, normalize, rescale_norm, lambda_, phase, norms=None):
+    def launch(self, out, *, spars, consensus, normalize, rescale_norm, lambda_, phase, norms=None, bits=None):
+        """One pass of _merge_kernel (phase 0: norms into ``norms``, and keep bits into ``bits`` when given;
+        phase 1: the merge into ``out``, reading ``bits`` when spars is SPARS_BITS)."""
         f32, i32 = self._pack()
         N = self.N
         w, dens, ones = f32[:N], f32[N:2 * N], f32[2 * N:]
@@ -562,24 +607,32 @@ class _Plan:
         _merge_kernel[(self.nblocks,)](
             *self.ptrs, self.base_ptr, out if out is not None else self.tensors[0], self.n,
             w, scale, dens, seeds, K, J,
-            norms if norms is not None else ones, flag, float(lambda_),
+            norms if norms is not None else ones, flag, bits if bits is not None else flag, float(lambda_),
             N=N, HAS_BASE=self.base is not None, SPARS=spars, LATER_FIRST=self.later_first,
             CONSENSUS={None: 0, "sum": 1, "count": 2}[consensus], NORMALIZE=bool(normalize),
             RESCALE=NORM_CODE[rescale_norm], APPLY_LAMBDA=lambda_ != 1, PHASE=phase, TB=TB, SUB=SUB,
-            NP=triton.next_power_of_2(N), HAS_LO=self.has_lo, num_warps=NUM_WARPS,
+            NP=triton.next_power_of_2(N), HAS_LO=self.has_lo, WRITE_BITS=phase == 0 and bits is not None,
+            num_warps=NUM_WARPS,
             # IEEE fp32 as torch computes it: no mul+add contraction into FMA (bit-identical results)
             enable_fp_fusion=False)
 
     def rescale(self, spars, rescale_norm, active: List[bool]) -> None:
         """scale_i = norm(delta_i) / norm(masked delta_i), rounded like mergekit's 0-d tensors; 1 where no rescale."""
-        NP = triton.next_power_of_2(self.N)
-        parts = torch.empty((self.nblocks, 2, NP), dtype=torch.float32, device=self.device)
+        parts = torch.empty((self.nblocks, 2, triton.next_power_of_2(self.N)), dtype=torch.float32, device=self.device)
+        if spars == SPARS_RANDOM:
+            # the draw costs more than the rest of a pass (H200: 0.14 of 0.24 ms at 11008x4096, 3 models): keep
+            # its decisions for the merge pass instead of drawing twice
+            self.bits = torch.empty(self.n, dtype=torch.uint8, device=self.device)
         self.launch(None, spars=spars, consensus=None, normalize=False, rescale_norm=rescale_norm,
-                    lambda_=1.0, phase=0, norms=parts)
+                    lambda_=1.0, phase=0, norms=parts, bits=self.bits)
+        self.scale_from_parts(parts, rescale_norm, active)
+
+    def scale_from_parts(self, parts: torch.Tensor, rescale_norm: str, active: List[bool]) -> None:
+        """self.scale from per-block norm partials [blocks, 2, NP] (before / after each model's mask)."""
         scale = torch.empty(self.N, dtype=torch.float32, device=self.device)
-        _rescale_scale_kernel[(1,)](parts, scale, self.tensors[0], self.nblocks, self.N,
+        _rescale_scale_kernel[(1,)](parts, scale, self.tensors[0], parts.shape[0], self.N,
                                     sum(1 << i for i, a in enumerate(active) if a), ref.RESCALE_EPS,
-                                    NORM=NORM_CODE[rescale_norm], NP=NP, BLOCK=256, num_warps=4,
+                                    NORM=NORM_CODE[rescale_norm], NP=parts.shape[2], BLOCK=256, num_warps=4,
                                     enable_fp_fusion=False)
         self.scale = scale
 
@@ -597,6 +650,10 @@ def _raise_nonfinite(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Non
     for i, t in enumerate(tensors):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"tensors[{i}] contains NaN/Inf values; it must be finite")
+    for i, t in enumerate(tensors):
+        if not bool(torch.isfinite(t - base).all()):
+            raise ValueError(f"tensors[{i}] - base overflows {str(base.dtype).replace('torch.', '')}: the task vector "
+                             "must be finite")
     raise ValueError("the inputs contain NaN/Inf values; they must be finite")
 
 
@@ -610,6 +667,76 @@ def _delta_list(base, tensors):
                 name = "base" if not bool(torch.isfinite(base).all()) else f"tensors[{i}]"
                 raise ValueError(f"{name} contains NaN/Inf values; it must be finite")
     return out
+
+
+def _draw_seeds(generator, count: int) -> List[int]:
+    """``count`` 31-bit Philox seeds from the caller's generator, else torch's default CPU one (so
+    torch.manual_seed reproduces a merge)."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, INT_MAX, (count,), generator=generator, device=gen_device).tolist()
+
+
+def _della_cuda_ok(base: torch.Tensor, selector: str) -> bool:
+    if selector != "cuda" or base.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from ..masks import cuda as masks_cuda
+
+    return (base.shape[-1] if base.dim() else 1) <= masks_cuda.DELLA_MAX_COLS[base.dtype]
+
+
+def _della_plan(base, ts, weights, densities, epsilons, active, rescale_norm, seeds, selector):
+    """The plan of a DELLA merge: its inputs are the sparsified task vectors, model i's drawn with seeds[i]
+    (keep entry e iff masks.triton.philox_uniforms(seeds[i])[e] < della_probabilities(delta_i)[e]).
+
+    fp16 / bf16 rows on the CUDA backend: one kernel (csrc/masks_della.cu) forms the deltas, ranks, draws
+    and writes them with each row's norm terms, and the rescale factors enter the fused pass (returned norm).
+    Otherwise each delta is materialised, drawn by the masks family's kernels, and rescaled by torch (returned
+    norm None)."""
+    from ..masks import _della_epsilon
+
+    N = len(ts)
+    # density 0 keeps nothing whatever epsilon is (p = 0): no warning about shrinking it
+    eps = [_della_epsilon(d, e) if a and d > 0 else 0.0 for d, e, a in zip(densities, epsilons, active)]
+    if _della_cuda_ok(base, selector):
+        from ..masks import cuda as masks_cuda
+
+        outs = torch.empty((N,) + tuple(base.shape), dtype=base.dtype, device=base.device)
+        plan = _Plan(base, list(outs.unbind(0)))
+        plan.set(weights=weights)
+        parts = None
+        if rescale_norm is not None:
+            cols = base.shape[-1] if base.dim() else 1
+            parts = torch.empty((base.numel() // cols, 2, triton.next_power_of_2(N)), dtype=torch.float32,
+                                device=base.device)
+        masks_cuda.della_deltas(ts, base, plan.tensors, [d - e for d, e in zip(densities, eps)],
+                                [2.0 * e for e in eps], seeds, sum(1 << i for i, a in enumerate(active) if a),
+                                NORM_CODE[rescale_norm], parts, plan.flag())
+        if parts is not None:
+            plan.scale_from_parts(parts, rescale_norm, active)
+        return plan, rescale_norm
+    from ..masks import triton as masks_triton
+
+    deltas = _delta_list(base, ts)
+    for i in range(N):
+        if active[i]:
+            x = deltas[i]
+            masked = masks_triton.keep_with_probabilities(x, _della_probs(x, densities[i], eps[i], selector), seeds[i])
+            deltas[i] = ref.rescale_masked(x, masked, rescale_norm)
+    plan = _Plan(base, deltas)
+    plan.set(weights=weights)
+    return plan, None
+
+
+def _della_probs(x: torch.Tensor, density: float, epsilon: float, selector: str) -> torch.Tensor:
+    """della_probabilities of one materialised delta: csrc/masks_della.cu where it takes the rows, else torch."""
+    if selector == "cuda":
+        from ..masks import cuda as masks_cuda
+
+        if not masks_cuda._della_supports(x, density, epsilon, None, None):
+            return masks_cuda.della_probabilities(x, density, epsilon)
+    from ..masks import reference as masks_ref
+
+    return masks_ref.della_probabilities(x, density, epsilon)
 
 
 def _merge_supports(base, tensors, weights, **kwargs):
@@ -642,16 +769,14 @@ def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, 
     if any(active):
         mode = {"magnitude": SPARS_BAND, "magnitude_outliers": SPARS_BAND, "random": SPARS_RANDOM,
                 "della_magprune": SPARS_PRESPARSE}[spars]
-    plan_base = base
+    weights = _rounded(tuple(weights), dtype)
+    norm = rescale_norm if mode in (SPARS_BAND, SPARS_RANDOM) else None
     if mode == SPARS_PRESPARSE:
-        deltas = _delta_list(base, ts)
-        for i in range(N):
-            if active[i]:
-                deltas[i] = ref.sparsify_delta(deltas[i], spars, densities[i], gamma=gammas[i], epsilon=epsilons[i],
-                                               rescale_norm=rescale_norm, generator=generator, backend=None)
-        ts = deltas
-    plan = _Plan(plan_base, ts)
-    plan.set(weights=_rounded(tuple(weights), dtype))
+        plan, norm = _della_plan(base, ts, weights, densities, epsilons, active, rescale_norm,
+                                 _draw_seeds(generator, N), selector)
+    else:
+        plan = _Plan(base, ts)
+        plan.set(weights=weights)
     if mode == SPARS_BAND:
         bands = []
         for i in range(N):
@@ -664,14 +789,11 @@ def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, 
         plan.select_bands(bands, later_first=spars == "magnitude_outliers", selector=selector)
     elif mode == SPARS_RANDOM:
         plan.set(dens=[d if a else 1.0 for d, a in zip(densities, active)])
-        # seeds from the caller's generator, else torch's default CPU one (torch.manual_seed reproduces a merge)
-        gen_device = generator.device if generator is not None else "cpu"
-        plan.set(seeds=torch.randint(0, INT_MAX, (2,), generator=generator, device=gen_device).tolist())
-    norm = rescale_norm if mode in (SPARS_BAND, SPARS_RANDOM) else None
-    if norm is not None:
+        plan.set(seeds=_draw_seeds(generator, 2))
+    if norm is not None and plan.scale is None:
         plan.rescale(mode, norm, active)
-    plan.launch(out, spars=mode, consensus=consensus, normalize=normalize, rescale_norm=norm, lambda_=lambda_,
-                phase=1)
+    plan.launch(out, spars=SPARS_BITS if plan.bits is not None else mode, consensus=consensus, normalize=normalize,
+                rescale_norm=norm, lambda_=lambda_, phase=1, bits=plan.bits)
     device_flag_check(plan.flag(), lambda: _raise_nonfinite(base, ts))
     return out
 
