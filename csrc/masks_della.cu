@@ -253,7 +253,6 @@ struct DellaDeltas {
   int active;            // bit i: model i is sparsified
   int models;            // N
   int n;                 // row length
-  int64_t numel;         // rows * n
   float inv_nm1;
   int norm;              // 0 none, 1 l1, 2 l2, 3 linf
   int np;                // stride of parts' model axis
@@ -533,7 +532,6 @@ void masks_della_deltas(const std::vector<uintptr_t>& inputs, const std::vector<
   a.active = active;
   a.models = static_cast<int>(models);
   a.n = static_cast<int>(n);
-  a.numel = rows * n;
   a.inv_nm1 = n > 1 ? 1.0f / static_cast<float>(n - 1) : 0.0f;
   a.norm = norm;
   a.np = np;
