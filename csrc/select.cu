@@ -553,6 +553,7 @@ void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t 
   auto* ok = se::as_ptr<int32_t>(out_k);
   auto* oj = se::as_ptr<int32_t>(out_j);
   const cudaStream_t s = se::as_stream(stream);
+  SE_CUDA_CHECK(cudaMemsetAsync(h, 0, rows * kBins * sizeof(uint32_t), s));  // the first pass adds into it
   switch (dtype) {
     case kF32:
       if (mode == kMagnitude) run_select<float, kMagnitude>(plan, st, h, cc, chunk, ok, oj, k_shift, aligned, s);

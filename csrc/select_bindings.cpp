@@ -20,7 +20,7 @@ SE_BINDINGS(select) {
         "(row_rank) of the descending key order and the flat index J that splits its ties; writes K >> k_shift "
         "and J to out_k / out_j (int32) at the row's slot. args: input ptrs, base ptr (0: none), n, row_input, "
         "row_rank, row_later_first, row_slot, mode (0 magnitude, 1 order), dtype code, state ptr (int64 "
-        "[rows, 4], scratch), hist ptr (uint32 [rows, 256], zeroed), chunk_counts ptr (uint32 [rows, nchunks, 256]), "
+        "[rows, 4], scratch), hist ptr (uint32 [rows, 256], scratch: zeroed here), chunk_counts ptr (uint32 [rows, nchunks, 256]), "
         "chunk, out_k ptr, out_j ptr, k_shift, stream");
   m.def("select_write", &select_write,
         "Write one edge's mask (int8) or masked values: keep = key > K or (key == K and index < J); args: x ptr, "

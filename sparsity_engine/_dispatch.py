@@ -92,10 +92,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# backends found able to run, per TRITON_INTERPRET setting: a merge asks on every call and the answer cannot turn
+# from yes to no within a process (a GPU does not go away, a loaded extension stays loaded)
+_AVAILABLE: set = set()
+
+
 def backend_reasons(backend: str) -> List[str]:
     """Why ``backend`` cannot run at all on this machine (empty list: it can)."""
     if backend == "reference":
         return []
+    key = (backend, os.environ.get("TRITON_INTERPRET", "0"), os.environ.get("SPARSITY_ENGINE_NO_EXT", "0"))
+    if key in _AVAILABLE:
+        return []
+    reasons = _backend_reasons(backend)
+    if not reasons:
+        _AVAILABLE.add(key)
+    return reasons
+
+
+def _backend_reasons(backend: str) -> List[str]:
     if backend == "triton":
         try:
             import triton  # noqa: F401
@@ -115,10 +130,11 @@ def backend_reasons(backend: str) -> List[str]:
 
 def _tensors_in(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
     found: List[torch.Tensor] = []
-    for value in list(args) + list(kwargs.values()):
+    for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             found.append(value)
-        elif isinstance(value, (list, tuple)):
+        elif isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
+            # lists of per-model numbers are skipped at their first entry (a merge's host time adds up)
             found.extend(v for v in value if isinstance(v, torch.Tensor))
     return found
 

@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _staging
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -152,14 +154,10 @@ def device_flag_check(flag: torch.Tensor, raise_error: Callable[[], None]) -> No
         if int(flag.item()):
             raise_error()
         return
-    host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(flag.device))
+    read = _staging.watch(flag)
 
     def check() -> None:
-        done.synchronize()
-        if int(host.item()):
+        if read():
             raise_error()
 
     checks.append(check)

@@ -131,13 +131,17 @@ def select_edges(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], r
     n, dev = x0.numel(), x0.device
     chunk = _select_chunk(n)
     nchunks = -(-n // chunk)
-    state = torch.empty((len(rows), 4), dtype=torch.int64, device=dev)
-    hist = torch.zeros((len(rows), 256), dtype=torch.int32, device=dev)
-    counts = torch.empty((len(rows), nchunks, 256), dtype=torch.int32, device=dev)
+    # one scratch allocation (each costs host time on every merge): state int64 [rows, 4], then the histogram
+    # [rows, 256] (zeroed by the launcher) and the last pass's per-chunk counts [rows, nchunks, 256], int32
+    nrows = len(rows)
+    scratch = torch.empty(nrows * (8 + 256 + nchunks * 256), dtype=torch.int32, device=dev)
+    state = scratch.data_ptr()
+    hist = state + nrows * 8 * 4
+    counts = hist + nrows * 256 * 4
     ext.select_edges([t.data_ptr() for t in inputs], base.data_ptr() if base is not None else 0, n,
                      [r[0] for r in rows], [r[1] for r in rows], [int(r[2]) for r in rows], [r[3] for r in rows], mode,
-                     dtype_code(x0.dtype), state.data_ptr(), hist.data_ptr(), counts.data_ptr(), chunk,
-                     out_k.data_ptr(), out_j.data_ptr(), k_shift, stream_ptr(x0))
+                     dtype_code(x0.dtype), state, hist, counts, chunk, out_k.data_ptr(), out_j.data_ptr(), k_shift,
+                     stream_ptr(x0))
 
 
 def _select_supports(t: torch.Tensor, k: int, *rest) -> List[str]:

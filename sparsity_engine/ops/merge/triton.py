@@ -24,6 +24,11 @@ inputs are N pointer arguments, so each pass reads every input once):
 * the fused pass: deltas, masks, rescale, weights, sign election, disjoint weighted mean, lambda, + base,
   one write; it also detects NaN/Inf in any input (x * 0 summed per block), so validation costs no read.
 
+A whole-model merge makes hundreds of these calls, so the host side is kept short: the parameters go up in one
+small upload and the flag comes back through sparsity_engine._staging, the kernels are launched through their
+compiled kernels (sparsity_engine._launch.FastKernel) with raw addresses into the parameter buffer (Ptr), and
+each pass's scratch is one allocation.
+
 Programs take TB entries (the tie-rank granularity) and walk them in sub-tiles of SUB with 4 warps, which
 keeps registers per thread low (40-90 for bf16, no spills) and many warps in flight.
 
@@ -38,13 +43,15 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import _staging
 from ..._dispatch import register
+from ..._launch import FastKernel, Ptr
 from ..._validate import device_flag_check
 from . import reference as ref
 
@@ -59,6 +66,7 @@ INT_MAX = 2**31 - 1
 # pass (phase 0) so that the merge pass reads them instead of drawing again
 SPARS_NONE, SPARS_BAND, SPARS_RANDOM, SPARS_PRESPARSE, SPARS_BITS = 0, 1, 2, 3, 4
 NORM_CODE = {None: 0, "l1": 1, "l2": 2, "linf": 3}
+_NP = {n: 1 << (n - 1).bit_length() for n in range(1, MAX_MODELS + 1)}  # next power of 2 of a model count
 
 
 # ------------------------------------------------------------------ device helpers
@@ -442,14 +450,23 @@ def _consensus_kernel(d_ptr, out_ptr, M, N: tl.constexpr, COUNT: tl.constexpr, B
 
 # ------------------------------------------------------------------ host side
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small parameter tensor on ``device`` without a host sync: a plain host-to-GPU copy waits for the
-    whole stream, which leaves the GPU idle while Python prepares the next launches; a pinned buffer is
-    copied asynchronously (torch keeps it alive until the copy is done)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+# launched through their compiled kernels once Triton has one for the variant (a merge's host time, see _launch)
+_MERGE = FastKernel(_merge_kernel)
+_SCALE = FastKernel(_rescale_scale_kernel)
+
+
+class _Params(NamedTuple):
+    """A plan's packed parameters: the int32 device buffer and the launch arguments pointing into it (Ptr on
+    CUDA, tensor views elsewhere): weights [N], densities [N], ones [N] (fp32), K [2N], J [2N], seeds [2],
+    NaN/Inf flag [1] (int32)."""
+    buf: torch.Tensor
+    w: object
+    dens: object
+    ones: object
+    K: object
+    J: object
+    seeds: object
+    flag: object
 
 
 class _Plan:
@@ -462,7 +479,7 @@ class _Plan:
         self.N = len(tensors)
         self.device = tensors[0].device
         self.ptrs = list(tensors) + [tensors[0]] * (MAX_MODELS - self.N)  # unused slots point at model 0
-        self.nblocks = triton.cdiv(self.n, TB)
+        self.nblocks = -(-self.n // TB)  # triton.cdiv is a jit function: slower to call from the host
         # per-model parameters live on the host until a launch packs them into two small device tensors;
         # band edge 2 * i + j of model i (j = 0: lo, 1: hi) is (K, J), see _before
         self.K = [INT_MAX] * (2 * self.N)
@@ -470,23 +487,35 @@ class _Plan:
         self.dens = [1.0] * self.N
         self.seeds = [0, 0]
         self.weights = [1.0] * self.N
-        self.scale = None  # device tensor [N] once rescaled
-        self.bits = None   # uint8 [n] keep decisions of a random draw, once the norms pass stored them
+        self.scale = None  # fp32 [N] on the device once rescaled (a tensor, or a Ptr into _scratch)
+        self.bits = None   # uint8 [n] keep decisions of a random draw once the norms pass stored them (Ptr / view)
+        self._scratch = None  # the rescale pass's buffer (partials, factors, keep bits)
         self.later_first = False
         self.has_lo = True      # False once select_bands sees every band start at rank 0
-        self._edges_dev = None  # (K, J) of every edge as found on the device by the CUDA select
+        self._edges_from = None  # the packed buffer holding the (K, J) the CUDA select found on the device
         self._packed = None
 
-    def _pack(self):
+    def _pack(self) -> "_Params":
+        """The per-model parameters on the device: one upload (fp32 values as their bits, then int32), with a
+        zero NaN/Inf flag last. On CUDA the launch arguments are raw addresses into it (no tensor views)."""
         if self._packed is None:
-            # one upload: the fp32 parameters travel as their bits, and a zero NaN/Inf flag comes last
-            floats = self.weights + self.dens + [1.0] * self.N
-            bits = list(struct.unpack(f"{len(floats)}i", struct.pack(f"{len(floats)}f", *floats)))
-            buf = _to_device(bits + self.K + self.J + self.seeds + [0], torch.int32, self.device)
-            f32, i32 = buf[:len(floats)].view(torch.float32), buf[len(floats):]
-            if self._edges_dev is not None:  # a later set() must not drop the edges the device found
-                i32[:4 * self.N].copy_(self._edges_dev)
-            self._packed = (f32, i32)
+            N = self.N
+            floats = self.weights + self.dens + [1.0] * N
+            ints = self.K + self.J + self.seeds + [0]
+            buf = _staging.upload(struct.pack(f"{len(floats)}f{len(ints)}i", *floats, *ints), self.device)
+            if self._edges_from is not None:  # a later set() must not drop the edges the device found
+                buf[3 * N:7 * N].copy_(self._edges_from[3 * N:7 * N])
+            if buf.is_cuda:
+                a = buf.data_ptr()
+
+                def arg(off, size, dtype):
+                    return Ptr(a + 4 * off, dtype)
+            else:  # Triton's interpreter reads tensors
+                def arg(off, size, dtype):
+                    return buf[off:off + size].view(dtype)
+            f32, i32 = torch.float32, torch.int32
+            self._packed = _Params(buf, arg(0, N, f32), arg(N, N, f32), arg(2 * N, N, f32), arg(3 * N, 2 * N, i32),
+                                   arg(5 * N, 2 * N, i32), arg(7 * N, 2, i32), arg(7 * N + 2, 1, i32))
         return self._packed
 
     def set(self, **params) -> None:
@@ -526,12 +555,11 @@ class _Plan:
         if selector == "cuda":
             from ..masks import cuda as masks_cuda
 
-            _, i32 = self._pack()
+            params = self._pack()
             rows = [(r // 2, p, later_first, r) for r, p in enumerate(targets) if p is not None]
-            masks_cuda.select_edges(self.tensors, self.base, rows, mode=masks_cuda.MAGNITUDE,
-                                    out_k=i32[:2 * self.N], out_j=i32[2 * self.N:4 * self.N],
-                                    k_shift=0 if self.tensors[0].dtype == torch.float32 else 16)
-            self._edges_dev = i32[:4 * self.N]
+            masks_cuda.select_edges(self.tensors, self.base, rows, mode=masks_cuda.MAGNITUDE, out_k=params.K,
+                                    out_j=params.J, k_shift=0 if self.tensors[0].dtype == torch.float32 else 16)
+            self._edges_from = params.buf
         else:
             self._radix_select(targets)
 
@@ -594,46 +622,64 @@ class _Plan:
     # -- the fused passes
     def flag(self) -> torch.Tensor:
         """The int32 [1] device flag that a phase-1 launch sets to 1 when an input holds NaN/Inf."""
-        return self._pack()[1][4 * self.N + 2:]
+        return self._pack().buf[7 * self.N + 2:]
 
     def launch(self, out, *, spars, consensus, normalize, rescale_norm, lambda_, phase, norms=None, bits=None):
         """One pass of _merge_kernel (phase 0: norms into ``norms``, and keep bits into ``bits`` when given;
         phase 1: the merge into ``out``, reading ``bits`` when spars is SPARS_BITS)."""
-        f32, i32 = self._pack()
+        p = self._pack()
         N = self.N
-        w, dens, ones = f32[:N], f32[N:2 * N], f32[2 * N:]
-        K, J, seeds, flag = i32[:2 * N], i32[2 * N:4 * N], i32[4 * N:4 * N + 2], i32[4 * N + 2:]
-        scale = self.scale if self.scale is not None else ones
-        _merge_kernel[(self.nblocks,)](
+        _MERGE[(self.nblocks,)](
             *self.ptrs, self.base_ptr, out if out is not None else self.tensors[0], self.n,
-            w, scale, dens, seeds, K, J,
-            norms if norms is not None else ones, flag, bits if bits is not None else flag, float(lambda_),
+            p.w, self.scale if self.scale is not None else p.ones, p.dens, p.seeds, p.K, p.J,
+            norms if norms is not None else p.ones, p.flag, bits if bits is not None else p.flag, float(lambda_),
             N=N, HAS_BASE=self.base is not None, SPARS=spars, LATER_FIRST=self.later_first,
             CONSENSUS={None: 0, "sum": 1, "count": 2}[consensus], NORMALIZE=bool(normalize),
             RESCALE=NORM_CODE[rescale_norm], APPLY_LAMBDA=lambda_ != 1, PHASE=phase, TB=TB, SUB=SUB,
-            NP=triton.next_power_of_2(N), HAS_LO=self.has_lo, WRITE_BITS=phase == 0 and bits is not None,
+            NP=_NP[N], HAS_LO=self.has_lo, WRITE_BITS=phase == 0 and bits is not None,
             num_warps=NUM_WARPS,
             # IEEE fp32 as torch computes it: no mul+add contraction into FMA (bit-identical results)
             enable_fp_fusion=False)
 
     def rescale(self, spars, rescale_norm, active: List[bool]) -> None:
         """scale_i = norm(delta_i) / norm(masked delta_i), rounded like mergekit's 0-d tensors; 1 where no rescale."""
-        parts = torch.empty((self.nblocks, 2, triton.next_power_of_2(self.N)), dtype=torch.float32, device=self.device)
-        if spars == SPARS_RANDOM:
-            # the draw costs more than the rest of a pass (H200: 0.14 of 0.24 ms at 11008x4096, 3 models): keep
-            # its decisions for the merge pass instead of drawing twice
-            self.bits = torch.empty(self.n, dtype=torch.uint8, device=self.device)
+        NP = _NP[self.N]
+        nparts = self.nblocks * 2 * NP
+        # the draw costs more than the rest of a pass (H200: 0.14 of 0.24 ms at 11008x4096, 3 models): a random
+        # draw keeps its decisions (uint8 [n]) for the merge pass instead of drawing twice
+        nbits = self.n if spars == SPARS_RANDOM else 0
+        # one allocation (each costs host time on every merge): partials fp32 [blocks, 2, NP], factors fp32 [NP],
+        # keep bits; kept alive by the plan until its last launch is queued
+        self._scratch = torch.empty(4 * (nparts + NP) + nbits, dtype=torch.uint8, device=self.device)
+        parts = self._scratch_arg(0, nparts, torch.float32)
+        scale = self._scratch_arg(4 * nparts, self.N, torch.float32)
+        if nbits:
+            self.bits = self._scratch_arg(4 * (nparts + NP), nbits, torch.uint8)
         self.launch(None, spars=spars, consensus=None, normalize=False, rescale_norm=rescale_norm,
                     lambda_=1.0, phase=0, norms=parts, bits=self.bits)
-        self.scale_from_parts(parts, rescale_norm, active)
+        self.scale_from_parts(parts, self.nblocks, rescale_norm, active, scale=scale)
 
-    def scale_from_parts(self, parts: torch.Tensor, rescale_norm: str, active: List[bool]) -> None:
-        """self.scale from per-block norm partials [blocks, 2, NP] (before / after each model's mask)."""
-        scale = torch.empty(self.N, dtype=torch.float32, device=self.device)
-        _rescale_scale_kernel[(1,)](parts, scale, self.tensors[0], parts.shape[0], self.N,
-                                    sum(1 << i for i, a in enumerate(active) if a), ref.RESCALE_EPS,
-                                    NORM=NORM_CODE[rescale_norm], NP=parts.shape[2], BLOCK=256, num_warps=4,
-                                    enable_fp_fusion=False)
+    def keep_bits(self) -> torch.Tensor:
+        """The stored keep decisions of a rescaled random draw as a uint8 [n] tensor (bit i: model i kept)."""
+        nparts = self.nblocks * 2 * _NP[self.N]
+        off = 4 * (nparts + _NP[self.N])
+        return self._scratch[off:off + self.n]
+
+    def _scratch_arg(self, offset: int, count: int, dtype: torch.dtype):
+        """A launch argument at byte ``offset`` of the scratch buffer: a raw address on CUDA, a view for the
+        interpreter."""
+        if self._scratch.is_cuda:
+            return Ptr(self._scratch.data_ptr() + offset, dtype)
+        return self._scratch[offset:offset + count * dtype.itemsize].view(dtype)
+
+    def scale_from_parts(self, parts, blocks: int, rescale_norm: str, active: List[bool], scale=None) -> None:
+        """self.scale (fp32 [N], into ``scale`` when given) from per-block norm partials [blocks, 2, NP(N)]
+        (before / after each model's mask)."""
+        if scale is None:
+            scale = torch.empty(self.N, dtype=torch.float32, device=self.device)
+        _SCALE[(1,)](parts, scale, self.tensors[0], blocks, self.N, sum(1 << i for i, a in enumerate(active) if a),
+                     ref.RESCALE_EPS, NORM=NORM_CODE[rescale_norm], NP=_NP[self.N], BLOCK=256, num_warps=4,
+                     enable_fp_fusion=False)
         self.scale = scale
 
 
@@ -706,13 +752,12 @@ def _della_plan(base, ts, weights, densities, epsilons, active, rescale_norm, se
         parts = None
         if rescale_norm is not None:
             cols = base.shape[-1] if base.dim() else 1
-            parts = torch.empty((base.numel() // cols, 2, triton.next_power_of_2(N)), dtype=torch.float32,
-                                device=base.device)
+            parts = torch.empty((base.numel() // cols, 2, _NP[N]), dtype=torch.float32, device=base.device)
         masks_cuda.della_deltas(ts, base, plan.tensors, [d - e for d, e in zip(densities, eps)],
                                 [2.0 * e for e in eps], seeds, sum(1 << i for i, a in enumerate(active) if a),
                                 NORM_CODE[rescale_norm], parts, plan.flag())
         if parts is not None:
-            plan.scale_from_parts(parts, rescale_norm, active)
+            plan.scale_from_parts(parts, parts.shape[0], rescale_norm, active)
         return plan, rescale_norm
     from ..masks import triton as masks_triton
 
