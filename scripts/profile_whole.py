@@ -15,6 +15,7 @@ sys.path.insert(0, "benchmarks")
 from bench_merge import llama_layer_shapes  # noqa: E402
 
 import sparsity_engine.merge as sm  # noqa: E402
+from sparsity_engine import _staging  # noqa: E402
 from sparsity_engine.ops.merge import triton as mt  # noqa: E402
 
 
@@ -46,10 +47,10 @@ def main():
         run = lambda: sm.merge_state_dicts(base, fts, w, method=method, density=0.3, out_device=None)  # noqa: E731
         run()
         print(f"== {method}: {len(base)} tensors, new {timed(run):.2f} ms", flush=True)
-        orig_to, orig_defer = mt._to_device, sm.deferred_device_checks
-        mt._to_device = lambda v, d, dev: torch.tensor(v, dtype=d).to(dev)
+        orig_up, orig_defer = _staging.upload, sm.deferred_device_checks
+        _staging.upload = lambda data, dev: torch.frombuffer(bytearray(data), dtype=torch.int32).to(dev)
         print(f"   sync parameter copies: {timed(run):.2f} ms", flush=True)
-        mt._to_device = orig_to
+        _staging.upload = orig_up
 
         @contextlib.contextmanager
         def immediate():
