@@ -134,3 +134,41 @@ def test_fast_kernel_is_triton_itself_off_the_gpu():
     fast[(3,)](x, y, out, 37, 0.5, SCALE=3, BLOCK=16)
     torch.testing.assert_close(out, (0.5 * x + y) * 3)
     assert not fast._variants  # nothing cached: every launch is Triton's own
+
+
+def test_fast_kernel_key_covers_what_triton_specializes():
+    """The variant key: dtype and 16-byte alignment of pointers (tensors or Ptr), 32/64-bit range, divisibility
+    by 16 and == 1 of integers, the type of floats and bools, None; anything else declines the fast path."""
+    x = torch.empty(64, dtype=torch.float32)
+    key, raw = _launch._facts((x, x[1:], _launch.Ptr(4096, torch.int32), _launch.Ptr(4100, torch.int32),
+                               1, 16, 17, 2**31, 0.5, True, None))
+    assert key[0] == (torch.float32, x.data_ptr() % 16 == 0)
+    assert key[1] == (torch.float32, (x.data_ptr() + 4) % 16 == 0)
+    assert key[2] == (torch.int32, True) and key[3] == (torch.int32, False)
+    assert key[4] == (True, False, True) and key[5] == (True, True, False) and key[6] == (True, False, False)
+    assert key[7] == (False, True, False)
+    assert key[8] is float and key[9] is bool and key[10] is None
+    assert raw[:4] == [x.data_ptr(), x.data_ptr() + 4, 4096, 4100] and raw[4:] == [1, 16, 17, 2**31, 0.5, True, None]
+    assert _launch._facts((x, (1, 2))) == (None, None)
+
+
+def test_fast_kernel_hook_detection():
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not _launch._hook_active(None) and not _launch._hook_active(Chain([]))
+    assert _launch._hook_active(Chain([print])) and _launch._hook_active(print)
+
+
+def test_backend_availability_cache_follows_the_interpreter_setting(monkeypatch):
+    from sparsity_engine import _dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = _dispatch.backend_reasons("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    compiled = _dispatch.backend_reasons("triton")
+    if not torch.cuda.is_available():
+        assert compiled and "no CUDA GPU" in compiled[0]
+    if triton is not None:
+        assert interpreted == []
