@@ -32,20 +32,16 @@ from typing import Any, Dict, Tuple
 import torch
 from triton import knobs
 
+from ._ext import raw_stream
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ENABLED = not _INTERPRET and os.environ.get("SPARSITY_ENGINE_TRITON_FAST_LAUNCH", "1") != "0"
 VERIFY = False  # True: every fast launch asserts Triton's own dispatch would pick the same compiled kernel
 
 _INT32 = range(-2**31, 2**31)
 
-try:  # the current device and its raw stream without torch.cuda's Python layers (what Triton's launch uses)
-    _raw_stream = torch._C._cuda_getCurrentRawStream
-    _current_device = torch._C._cuda_getDevice
-except AttributeError:  # pragma: no cover - a torch built without CUDA
-    def _raw_stream(index: int) -> int:
-        return torch.cuda.current_stream(index).cuda_stream
-
-    _current_device = torch.cuda.current_device
+# the current device without torch.cuda's Python layers (what Triton's own launch asks)
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
 
 
 class Ptr:
@@ -133,7 +129,7 @@ class FastKernel:
         if VERIFY:
             self._verify(variant.kernel, device, args, kwargs)
         variant.launcher(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                         _raw_stream(device), variant.function, variant.metadata, None, None, None,
+                         raw_stream(device), variant.function, variant.metadata, None, None, None,
                          *raw, *variant.tail)
 
     def _check_keywords(self, kwargs) -> None:
