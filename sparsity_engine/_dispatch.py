@@ -142,11 +142,12 @@ def _tensors_in(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[torch.Tenso
 def _device_reasons(backend: str, tensors: List[torch.Tensor], *, auto: bool) -> List[str]:
     if backend == "reference" or not tensors:
         return []
+    first = tensors[0].device
+    if first.type == "cuda" and all(t.device == first for t in tensors):  # the common case, checked first
+        return []
     devices = sorted({t.device.type for t in tensors})
     if devices == ["cuda"]:
-        if len({t.device for t in tensors}) > 1:
-            return ["the tensors are on different CUDA devices"]
-        return []
+        return ["the tensors are on different CUDA devices"]
     if backend == "triton" and devices == ["cpu"] and _interpreting() and not auto:
         return []
     where = " and ".join(devices)

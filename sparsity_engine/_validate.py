@@ -72,7 +72,9 @@ def check_same_device(*named: Tuple[str, torch.Tensor]) -> None:
 def check_fraction(name: str, value, *, low: float = 0.0, high: float = 1.0,
                    low_inclusive: bool = True, high_inclusive: bool = True) -> float:
     """A real number in the interval [low, high] (ends open or closed as asked); returns it as float."""
-    if isinstance(value, bool) or not isinstance(value, Real):
+    kind = type(value)
+    # (float / int first: the Real check is an ABC lookup, and a whole-model merge checks thousands of these)
+    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     ok_low = v >= low if low_inclusive else v > low

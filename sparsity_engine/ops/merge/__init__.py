@@ -114,7 +114,8 @@ def _weights(weights, n: int) -> List[float]:
 
 
 def _finite_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
+    kind = type(value)
+    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value!r}")

@@ -804,7 +804,7 @@ def merge_with_selector(base, tensors, weights, *, spars, consensus, densities, 
     'cuda', see _Plan.select_bands); everything else is the same kernels."""
     dtype = base.dtype
     base = base.contiguous()
-    ts = [t.to(dtype).contiguous() for t in tensors]
+    ts = [t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors]
     N, n = len(ts), base.numel()
     out = torch.empty_like(base)
     if n == 0:
