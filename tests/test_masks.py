@@ -71,7 +71,8 @@ def _masks_triton():
     return mt
 
 
-def _binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
+def _binomial_ok(kept: int, n: int, p: float, z: float = 6.0) -> bool:
+    # within z sigma: at 6 a fair draw misses with probability ~2e-9 (at 5 it was ~6e-7, per call)
     return abs(kept - n * p) <= z * math.sqrt(n * p * (1 - p)) + 1
 
 
@@ -243,9 +244,10 @@ def test_dare_expectation_is_input(backend):
     x = torch.randn(4096, device=KERNEL_DEVICE)
     g = torch.Generator(device=KERNEL_DEVICE).manual_seed(3)
     draws = torch.stack([se.dare(x, 0.4, generator=g, backend=backend) for _ in range(100)])
-    # per element var = x^2 (1 - d) / d; the mean over draws and elements is within a few sigma of x's
+    # per element var = x^2 (1 - d) / d; the mean over draws and elements is within 6 sigma of x's (a fair
+    # draw misses with probability ~2e-9)
     sigma = math.sqrt(float((x ** 2).sum()) * 0.6 / 0.4 / 100) / x.numel()
-    assert abs(float(draws.mean(0).sum() - x.sum())) / x.numel() < 5 * sigma
+    assert abs(float(draws.mean(0).sum() - x.sum())) / x.numel() < 6 * sigma
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -294,7 +296,9 @@ def test_della_probabilities_hand_example():
 
 def test_della_probabilities_monotone_in_magnitude():
     from sparsity_engine.ops.masks.reference import della_probabilities
-    x = torch.randn(8, 300)
+    # distinct magnitudes (a random order of 1..300, random signs): tied extremes share a mean rank and miss
+    # 0.2 / 0.6, and randn's two smallest magnitudes in a row of 300 tie in ~3e-6 of rows
+    x = (torch.rand(8, 300).argsort(dim=1) + 1).float() * torch.where(torch.rand(8, 300) < 0.5, -1.0, 1.0)
     p = della_probabilities(x, 0.4, 0.2)
     order = x.abs().argsort(dim=1)
     assert (torch.diff(torch.gather(p, 1, order), dim=1) >= 0).all()
@@ -305,13 +309,13 @@ def test_della_probabilities_monotone_in_magnitude():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_della_keep_frequency_follows_rank(backend):
     row = torch.tensor([0.1, -0.5, 0.9, 0.3, -0.7])  # ranks 0, 2, 4, 1, 3
-    reps = 2000 if KERNEL_DEVICE == "cuda" or backend == "reference" else 100  # the interpreter is slow
+    reps = 2000  # fp32 rows of 5 are ranked by torch: one elementwise kernel draws, quick on the interpreter too
     x = row.repeat(reps, 1).to(KERNEL_DEVICE)
     out = se.della_magprune(x, 0.5, 0.4, backend=backend)
     kept_per_column = (out != 0).sum(0).cpu()
     p = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7])
     for kept, q in zip(kept_per_column.tolist(), p.tolist()):
-        assert _binomial_ok(kept, reps, q, z=4.0)
+        assert _binomial_ok(kept, reps, q)  # 6 sigma: +-0.067 at most, against steps of 0.2
     kept = out != 0
     assert torch.equal(out[kept], x[kept])  # no 1/p factor without rescale_norm (as mergekit)
 

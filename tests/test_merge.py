@@ -289,7 +289,7 @@ def test_dare_linear_keep_rate_rescale_and_reproducibility(backend):
     out = se.merge_task_vectors(base, ts, [1.0], rescale=False, **kw)
     kept = (out - base).abs() > 0
     rate = kept.float().mean().item()
-    assert abs(rate - 0.3) < 0.03  # 4096 draws: sd 0.007
+    assert abs(rate - 0.3) < 0.045  # 4096 draws: sd 0.0072, so 6.3 sd (0.03 was 4.2: missed ~3e-5 of runs)
     assert torch.allclose((out - base)[kept], delta[kept], atol=1e-6)  # kept entries keep their value
     # rescale=True (mergekit: match the L1 norm of the delta)
     out = se.merge_task_vectors(base, ts, [1.0], **kw)
@@ -349,7 +349,9 @@ def test_della_keep_rate_favours_large_entries(backend, method):
     out = se.merge_task_vectors(base, ts, [1.0], method=method, density=0.5, epsilon=0.2, rescale=False,
                                 generator=torch.Generator(device=dev).manual_seed(1), backend=backend)
     kept = (out - base) != 0
-    assert abs(kept.float().mean().item() - 0.5) < 0.03
+    # 4096 draws with p from 0.3 to 0.7: sd 0.0076 (0.0036 given the seeded uniforms, about 0.513 on the
+    # reference); 0.05 is over 6 sd either way (0.03 missed ~1e-6 of runs)
+    assert abs(kept.float().mean().item() - 0.5) < 0.05
     large = delta >= delta.median(dim=1, keepdim=True).values
     assert kept[large].float().mean() > kept[~large].float().mean() + 0.1  # about 0.6 against 0.4
 

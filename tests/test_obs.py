@@ -34,6 +34,41 @@ def magnitude(W, sparsity):
     return torch.where(W.abs() > thr, W, torch.zeros_like(W))
 
 
+def decided_draw(monkeypatch, H, draw, margin, **kw):
+    """(W, reference result) for the first fresh W = draw() at whose every mask choice the reference's lowest
+    kept score exceeds its highest pruned one by more than ``margin`` (relative; 0: no tie across the boundary).
+
+    Random fp32 scores come that close now and then: about 1e-5 of draws tie at a block's threshold, and
+    about 1% come within 1e-4, where the kernels' scores (their inverse factor is computed another way:
+    ~1e-7 apart) may fall on the other side, one flip moving the compensation of the rest of its row
+    (seen: 2 of ~80000 fp32 draws of KERNEL_CASES[0]). Such draws are redrawn; 20 in a row never are."""
+    from sparsity_engine.ops.obs import reference
+    gaps = []
+    unstructured, nm = reference.unstructured_prune_set, reference.nm_prune_set
+
+    def unstructured_gap(scores, sparsity):
+        s, k = torch.sort(scores.flatten())[0], int(scores.numel() * sparsity)
+        if 0 < sparsity < 1 and k + 1 < s.numel():
+            gaps.append(float(((s[k + 1] - s[k]) / s[k + 1]).nan_to_num(0.0)))
+        return unstructured(scores, sparsity)
+
+    def nm_gap(scores, prune_n):
+        s = torch.sort(scores, dim=1)[0]
+        if prune_n < s.shape[1]:
+            gaps.append(float(((s[:, prune_n] - s[:, prune_n - 1]) / s[:, prune_n]).nan_to_num(0.0).min()))
+        return nm(scores, prune_n)
+
+    monkeypatch.setattr(reference, "unstructured_prune_set", unstructured_gap)
+    monkeypatch.setattr(reference, "nm_prune_set", nm_gap)
+    for _ in range(20):
+        W = draw()
+        gaps.clear()
+        r = se.sparsegpt_prune(W, H, backend="reference", **kw)
+        if min(gaps, default=1.0) > margin:
+            return W, r
+    raise AssertionError(f"20 draws in a row had a mask choice within {margin:g}: the scores are not random")
+
+
 # ---------------------------------------------------------------- reference: hand values
 
 def test_hand_example_diagonal_hessian_published_threshold_rule():
@@ -98,11 +133,11 @@ def test_nm_pattern_exact(n, m):
     assert (r.weight[~r.mask] == 0).all()
 
 
-def test_unstructured_mask_follows_published_rule():
+def test_unstructured_mask_follows_published_rule(monkeypatch):
     cols, bs, sparsity = 40, 16, 0.4
     H, _ = correlated_hessian(cols)
-    W = torch.randn(9, cols)
-    r = se.sparsegpt_prune(W, H, sparsity=sparsity, blocksize=bs, backend="reference")
+    # no ties at any block's threshold (they would prune one more): such draws are redrawn
+    W, r = decided_draw(monkeypatch, H, lambda: torch.randn(9, cols), 0.0, sparsity=sparsity, blocksize=bs)
     # block 0 sees the original weights: its mask is the rule applied to w^2 / U_jj^2
     from sparsity_engine.ops.obs.reference import inverse_factor
     U, _ = inverse_factor(H, 0.01)
@@ -251,6 +286,10 @@ def agreement(a, b):
     return (a.mask == b.mask).float().mean().item()
 
 
+# the relative margin every mask choice of a kernel test's draw clears (decided_draw): 100x the kernels' score
+# differences from the reference (~1e-6 at most, measured), so the masks must agree exactly
+DECIDED = 1e-4
+
 KERNEL_CASES = [
     # (rows, cols, kwargs, dead columns): ragged last blocks, dead columns, 2:4 and 4:8
     (12, 40, dict(sparsity=0.5, blocksize=16), (3,)),
@@ -264,11 +303,11 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
-def test_kernel_matches_reference(backend, dtype, case):
+def test_kernel_matches_reference(monkeypatch, backend, dtype, case):
     rows, cols, kw, dead = KERNEL_CASES[case]
     H, _ = correlated_hessian(cols, dead=dead, device=KERNEL_DEVICE)
-    W = torch.randn(rows, cols, device=KERNEL_DEVICE).to(dtype)
-    exp = se.sparsegpt_prune(W, H, backend="reference", **kw)
+    W, exp = decided_draw(monkeypatch, H, lambda: torch.randn(rows, cols, device=KERNEL_DEVICE).to(dtype),
+                          DECIDED, **kw)
     got = se.sparsegpt_prune(W, H, backend=backend, **kw)
     assert got.weight.dtype == dtype and got.mask.dtype == torch.bool and got.loss.dtype == torch.float32
     assert agreement(got, exp) >= 0.999
@@ -282,8 +321,8 @@ def test_kernel_tf32x3_lazy_update(monkeypatch, kw):
     from sparsity_engine.ops.obs import triton as obs_triton
     monkeypatch.setattr(obs_triton, "LAZY_UPDATE", "tf32x3")
     H, _ = correlated_hessian(40, dead=(2,), device=KERNEL_DEVICE)
-    W = torch.randn(9, 40, device=KERNEL_DEVICE)
-    exp = se.sparsegpt_prune(W, H, blocksize=16, backend="reference", **kw)
+    W, exp = decided_draw(monkeypatch, H, lambda: torch.randn(9, 40, device=KERNEL_DEVICE), DECIDED, blocksize=16,
+                          **kw)
     got = se.sparsegpt_prune(W, H, blocksize=16, backend="triton", **kw)
     assert agreement(got, exp) >= 0.999
     assert rel_err(got.weight, exp.weight) < 1e-4  # three TF32 products: about fp32 accuracy

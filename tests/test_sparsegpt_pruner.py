@@ -37,7 +37,9 @@ def test_linear_prune_in_place_matches_op():
 
 def test_conv1d_orientation():
     Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
-    layer = Conv1D(12, 32)  # nf=12 outputs, nx=32 inputs: weight [32, 12]
+    # nf=48 outputs, nx=32 inputs: weight [32, 48]. The error ratio to 2:4 magnitude below is 0.86 +- 0.016
+    # over random draws with 48 outputs (+- 0.029 with 12 outputs: 1 was ~4.7 sd away, reached in ~1e-6 of draws)
+    layer = Conv1D(48, 32)
     layer.weight.data.normal_()
     W0 = layer.weight.detach().clone()
     p = se.SparseGPTPruner(layer)
@@ -45,13 +47,13 @@ def test_conv1d_orientation():
     H = p.H.clone()
     res = p.prune(prune_n=2, prune_m=4, blocksize=16)
     ref = se.sparsegpt_prune(W0.t(), H, prune_n=2, prune_m=4, blocksize=16)
-    assert res.weight.shape == (12, 32)
+    assert res.weight.shape == (48, 32)
     assert torch.equal(res.weight, ref.weight)
     assert torch.equal(layer.weight.data, ref.weight.t())
     # the layer still computes x @ W + b, and beats plain 2:4 magnitude masking on its calibration inputs
     out_err = (layer(X) - (X @ W0 + layer.bias)).norm()
-    keep = W0.abs().t().reshape(12, 8, 4).argsort(-1, descending=True).argsort(-1) < 2
-    W_mag = W0 * keep.reshape(12, 32).t()
+    keep = W0.abs().t().reshape(48, 8, 4).argsort(-1, descending=True).argsort(-1) < 2
+    W_mag = W0 * keep.reshape(48, 32).t()
     assert out_err < (X @ W_mag - X @ W0).norm()
 
 
