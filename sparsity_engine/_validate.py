@@ -69,12 +69,17 @@ def check_same_device(*named: Tuple[str, torch.Tensor]) -> None:
         raise ValueError(f"tensors must be on one device, got {where}")
 
 
+def is_real_number(value) -> bool:
+    """A real number that is not a bool (float / int first: the Real check is an ABC lookup, and a whole-model
+    merge checks thousands of these)."""
+    kind = type(value)
+    return kind is float or kind is int or (not isinstance(value, bool) and isinstance(value, Real))
+
+
 def check_fraction(name: str, value, *, low: float = 0.0, high: float = 1.0,
                    low_inclusive: bool = True, high_inclusive: bool = True) -> float:
     """A real number in the interval [low, high] (ends open or closed as asked); returns it as float."""
-    kind = type(value)
-    # (float / int first: the Real check is an ABC lookup, and a whole-model merge checks thousands of these)
-    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, Real)):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     ok_low = v >= low if low_inclusive else v > low

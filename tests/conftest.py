@@ -46,7 +46,6 @@ def _fresh_seed(request):
     """Seeds torch per test, so inputs are random but a failure replays with the SE_TEST_SEED in the header."""
     seed = seed_of(request.node.nodeid)
     torch.manual_seed(seed)
-    request.node.user_properties.append(("torch_seed", seed))
     return seed
 
 

@@ -5,13 +5,13 @@ Each public function validates its arguments, then dispatches to a backend (refe
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from ..._dispatch import choose, dispatch, import_backend
-from ..._validate import FLOAT_DTYPES, check_choice, check_finite, check_fraction, check_generator, check_tensor
+from ..._validate import (FLOAT_DTYPES, check_choice, check_finite, check_fraction, check_generator, check_tensor,
+                          is_real_number)
 from . import reference  # noqa: F401  (registers the oracle)
 
 import_backend(__name__, "triton")
@@ -104,7 +104,7 @@ def _per_model(name: str, value, n: int, *, low=0.0, high=1.0) -> List[float]:
 def _weights(weights, n: int) -> List[float]:
     if isinstance(weights, torch.Tensor):
         weights = weights.tolist()
-    if isinstance(weights, Real) and not isinstance(weights, bool):
+    if is_real_number(weights):
         weights = [weights] * n
     if not isinstance(weights, (list, tuple)):
         raise TypeError(f"weights must be a number or a list of {n} numbers, got {type(weights).__name__}")
@@ -114,8 +114,7 @@ def _weights(weights, n: int) -> List[float]:
 
 
 def _finite_number(name: str, value) -> float:
-    kind = type(value)
-    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, Real)):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value!r}")

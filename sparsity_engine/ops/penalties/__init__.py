@@ -20,12 +20,12 @@ dtype; 'none' returns c's dtype and shape; the gradient has c's dtype.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
 from ..._dispatch import dispatch, import_backend
-from ..._validate import ALL_FLOAT_DTYPES, check_choice, check_finite, check_fraction, check_int, check_tensor
+from ..._validate import (ALL_FLOAT_DTYPES, check_choice, check_finite, check_fraction, check_int, check_tensor,
+                          is_real_number)
 from . import reference  # noqa: F401  (registers the oracle)
 
 import_backend(__name__, "triton")
@@ -40,7 +40,7 @@ MIN_GAMMA, MIN_EPS = 1e-9, 1e-30
 
 
 def _check_real(name: str, value, *, positive: bool = False, minimum: float = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
