@@ -12,11 +12,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from sparsity_engine import _launch  # noqa: E402
-
-# every fast Triton launch in the tests checks it runs the variant Triton's own dispatch would (see _launch)
-_launch.VERIFY = True
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

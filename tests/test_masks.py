@@ -483,7 +483,7 @@ def test_topk_mask_cuda_declines_per_slice():
 
 
 def _select_keys(t, base, magnitude):
-    """csrc/select.cu's 32-bit keys (as int64) in torch: |t - base| bits, or the values' order bits."""
+    """csrc/masks_select.cu's 32-bit keys (as int64) in torch: |t - base| bits, or the values' order bits."""
     w = 32 if t.dtype == torch.float32 else 16
     d = (t - base if base is not None else t) if magnitude else torch.where(t == 0, torch.zeros_like(t), t)
     u = d.view(torch.int32 if w == 32 else torch.int16).long() & ((1 << w) - 1)
@@ -526,8 +526,8 @@ def test_select_edges_cuda_matches_sorting(monkeypatch, dtype, chunk):
                     (1, 777, later_first, 3), (2, n // 2, later_first, 4)]
             out_k = torch.full((5,), -7, dtype=torch.int32, device="cuda")
             out_j = torch.full((5,), -7, dtype=torch.int32, device="cuda")
-            mc.select_edges(inputs, base if with_base else None, rows, mode=mc.MAGNITUDE if magnitude else mc.ORDER,
-                            out_k=out_k, out_j=out_j, k_shift=0)
+            mc.launch_select(inputs, base if with_base else None, rows, mode=mc.MAGNITUDE if magnitude else mc.ORDER,
+                             out_k=out_k, out_j=out_j, k_shift=0)
             for m, p, lf, slot in rows:
                 keys = _select_keys(inputs[m], base if with_base else None, magnitude)
                 K, J = int(out_k[slot]) & 0xFFFFFFFF, int(out_j[slot])
@@ -635,10 +635,9 @@ def test_della_cuda_probabilities_match_reference(dtype, shape, case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7,), (5, 33), (4096, 4096), (11008, 4096), (4096, 11008)])
 def test_della_cuda_backend_matches_its_draw(dtype, shape):
-    from sparsity_engine.ops.masks.reference import rescale_masked
-    mt = _masks_triton()
+    from sparsity_engine.ops.masks.reference import draw_seed, rescale_masked
     x = _with_ties(shape, dtype)
-    seed = mt.draw_seed(torch.Generator(device="cuda").manual_seed(11))
+    seed = draw_seed(torch.Generator(device="cuda").manual_seed(11))
     for norm in (None, "l1"):
         got = se.della_magprune(x, 0.3, 0.1, rescale_norm=norm, backend="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(11))

@@ -310,9 +310,9 @@ def test_dare_keep_bits_of_the_norms_pass_are_the_draw(n_models):
     from sparsity_engine.ops.merge import triton as mt
 
     base, ts = _models((37, 301), n_models, torch.bfloat16, KERNEL_DEVICE)
-    plan = mt._Plan(base, ts)
-    plan.set(dens=[0.3, 0.5, 0.7, 0.2, 0.9, 0.4][:n_models], seeds=[5, 9], weights=[1.0, -0.5, 0.8, 0.3, 1.2, 0.7][:n_models])
-    kw = dict(consensus="sum", normalize=True, rescale_norm=None, lambda_=1.0, phase=1)
+    plan = mt._Plan(base, ts, [1.0, -0.5, 0.8, 0.3, 1.2, 0.7][:n_models], dens=[0.3, 0.5, 0.7, 0.2, 0.9, 0.4][:n_models])
+    plan.seeds = torch.tensor([5, 9], dtype=torch.int32, device=base.device)
+    kw = dict(consensus="sum", normalize=True, rescale_norm=None, lambda_=1.0, phase=mt.PHASE_MERGE)
     drawn, stored = torch.empty_like(base), torch.empty_like(base)
     plan.launch(drawn, spars=mt.SPARS_RANDOM, **kw)
     plan.rescale(mt.SPARS_RANDOM, "l1", [True] * n_models)
@@ -320,7 +320,7 @@ def test_dare_keep_bits_of_the_norms_pass_are_the_draw(n_models):
     plan.scale = None  # the masks alone
     plan.launch(stored, spars=mt.SPARS_BITS, bits=plan.bits, **kw)
     assert torch.equal(drawn, stored)
-    rates = [((plan.keep_bits() >> i) & 1).float().mean().item() for i in range(n_models)]
+    rates = [((plan.bits >> i) & 1).float().mean().item() for i in range(n_models)]
     assert all(abs(r - d) < 0.02 for r, d in zip(rates, [0.3, 0.5, 0.7, 0.2, 0.9, 0.4])), rates
 
 

@@ -17,7 +17,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validate import deferred_device_checks
 from ..ops.merge import METHODS, merge_task_vectors
 
 __all__ = ["merge_state_dicts", "iter_merged", "LazySafetensors", "merge_safetensors"]
@@ -156,10 +155,9 @@ def _launch_one(name, base, finetuned, per, device, options) -> Tuple[str, torch
     if not members:
         return name, b, []
     pick = lambda key: [per[key][i] for i in idx]  # noqa: E731
-    with deferred_device_checks() as checks:
-        merged = merge_task_vectors(b, members, pick("weights"), density=pick("density"), epsilon=pick("epsilon"),
-                                    gamma=pick("gamma"), **options)
-    return name, merged, checks
+    merged = merge_task_vectors(b, members, pick("weights"), density=pick("density"), epsilon=pick("epsilon"),
+                                gamma=pick("gamma"), **options)
+    return name, merged, []
 
 
 def _finish(item, out_device) -> Tuple[str, torch.Tensor]:
