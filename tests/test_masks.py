@@ -3,9 +3,8 @@ import pytest
 import torch
 
 import sparsity_engine as se
-from helpers import KERNEL_DEVICE
+from helpers import KERNEL_BACKENDS, KERNEL_DEVICE
 
-KERNEL_BACKENDS = ["triton"] + (["cuda"] if KERNEL_DEVICE == "cuda" else [])
 
 
 # ---------------------------------------------------------------- nm_mask

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 import sparsity_engine as se
-from helpers import KERNEL_DEVICE, RTOL, assert_rel_close
+from helpers import KERNEL_BACKENDS, KERNEL_DEVICE, RTOL, assert_rel_close
 
-# the CUDA backend is the Triton merge with its magnitude band edges found by csrc/select.cu
-KERNEL_BACKENDS = ["triton"] + (["cuda"] if KERNEL_DEVICE == "cuda" else [])
 from sparsity_engine.merge import merge_state_dicts
 from sparsity_engine.ops.merge import METHODS, magnitude_outliers
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import sparsity_engine as se
-from helpers import KERNEL_DEVICE, RTOL, rel_err
+from helpers import KERNEL_DEVICE, RTOL, kernel_backends, rel_err
 
-KERNEL_BACKENDS = ["triton"]
+KERNEL_BACKENDS = kernel_backends("sparsegpt_prune")
 
 
 def correlated_hessian(cols, n=256, *, dead=(), dtype=torch.float32, device="cpu", strength=0.5):

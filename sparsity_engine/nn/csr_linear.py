@@ -95,6 +95,7 @@ class CSRLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._csr = None
+        self.csr  # noqa: B018  (builds the CSRMatrix, which checks the loaded indices)
 
 
 def _matches(name: str, patterns: Patterns) -> bool:

@@ -10,12 +10,12 @@ for any number of tokens and dtype; what serves fp32 above 16 tokens). With ``ba
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..._dispatch import choose, dispatch, import_backend, resolve_backend
+from ..._dispatch import choose_cached, dispatch, import_backend, resolve_backend
 from ..._validate import FLOAT_DTYPES, check_tensor
 from .format import ALIGN, CSRMatrix, validate_csr
 from . import reference  # noqa: F401  (registers the oracle)
@@ -132,18 +132,11 @@ def _check_linear_args(x, csr, bias) -> None:
             raise ValueError(f"bias must have shape ({n},) on {csr.device}, got {tuple(bias.shape)} on {bias.device}")
 
 
-_PLANS: Dict[tuple, object] = {}
-
-
 def _impl_for(backend, x2, csr, bias):
-    """The registered implementation for these inputs; cached by what its choice depends on."""
-    key = (resolve_backend(backend), x2.device, x2.dtype, csr.col_indices.dtype, x2.shape[0] <= 16,
-           csr.shape[1] % 8 == 0, bias is not None, os.environ.get("TRITON_INTERPRET", ""))
-    impl = _PLANS.get(key)
-    if impl is None:
-        impl = choose("csr_linear", backend, x2, csr, bias)
-        _PLANS[key] = impl
-    return impl
+    """The registered implementation for these inputs, remembered by what its choice depends on (device,
+    dtypes, the rows kernel's token limit, the tiles kernel's K % 8 rule, bias): csr_linear runs per token."""
+    key = (x2.device, x2.dtype, csr.col_indices.dtype, x2.shape[0] <= 16, csr.shape[1] % 8 == 0, bias is not None)
+    return choose_cached("csr_linear", backend, key, x2, csr, bias)
 
 
 def csr_linear(x: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor] = None, *,

@@ -212,8 +212,8 @@ def _tile(rows: int):
     return 8, 4  # measured best or tied on H100 for 4096..28672 rows (benchmarks/bench_sparsegpt.py sweep)
 
 
-@register("sparsegpt_prune", "triton", supports=lambda weight, hessian, sparsity, prune_n, prune_m, blocksize,
-          percdamp: _reasons(weight, blocksize))
+@register("sparsegpt_prune", "triton", tensor="weight", dtypes=(torch.float32, torch.float16, torch.bfloat16),
+          limits={"blocksize": MAX_BLOCKSIZE})
 def sparsegpt_prune(weight, hessian, sparsity, prune_n, prune_m, blocksize, percdamp) -> PruneResult:
     rows, cols = weight.shape
     with fp32_matmul():
@@ -240,13 +240,3 @@ def sparsegpt_prune(weight, hessian, sparsity, prune_n, prune_m, blocksize, perc
             if i2 < cols:
                 _lazy_update(W, i2, err[:, :count], slab[:, count:])
     return PruneResult(W.to(weight.dtype), keep.view(torch.bool), loss)
-
-
-def _reasons(weight: torch.Tensor, blocksize: int) -> list:
-    reasons = []
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"weight dtype {str(weight.dtype).replace('torch.', '')} is not supported by the Triton "
-                       "kernel (float32, float16, bfloat16 are; float64 runs on the reference)")
-    if blocksize > MAX_BLOCKSIZE:
-        reasons.append(f"blocksize={blocksize} exceeds the Triton kernel's register tile ({MAX_BLOCKSIZE})")
-    return reasons
