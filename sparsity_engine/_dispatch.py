@@ -262,8 +262,9 @@ def choose(op: str, backend: Optional[str], *args: Any, **kwargs: Any) -> Impl:
     if name is not None and (explicit or name in impls):
         impl = impls.get(name)
         if impl is None:
+            failed = "".join(f"; {r}" for r in _IMPORT_FAILURES.get(name, []))
             raise BackendUnavailableError(
-                f"{op}: backend {name!r} has no implementation of this op (implemented: {sorted(impls)})")
+                f"{op}: backend {name!r} has no implementation of this op (implemented: {sorted(impls)}){failed}")
         reasons = impl.reasons(args, kwargs, auto=False)
         if reasons:
             raise BackendUnavailableError(f"{op}: backend {name!r} cannot run these inputs: " + "; ".join(reasons))

@@ -504,6 +504,40 @@ def _first_p(keys, p, later_first):
     return got
 
 
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_edges_match_sorting(monkeypatch, backend, dtype):
+    """masks.select_edges against a stable sort on every backend: several rows over several inputs in one call,
+    heavy ties spread over many blocks (the selection's blocks / chunks made small), both tie orders, the
+    magnitude of deltas against a base and the signed order, edges at positions 0, 1, n - 1 and n."""
+    from sparsity_engine.ops import masks
+    from sparsity_engine.ops.masks.reference import selection_keys
+    monkeypatch.setattr(_masks_triton(), "SELECT_BLOCK", 128)
+    if backend == "cuda":
+        from sparsity_engine.ops.masks import cuda as mc
+        monkeypatch.setattr(mc, "SELECT_CHUNK", 64)
+    n = 1201
+    dev = KERNEL_DEVICE if backend != "reference" else "cpu"
+    base = torch.randn(n, device=dev).to(dtype)
+    inputs = [(base.float() + torch.randint(-3, 4, (n,), device=dev) * 0.25).to(dtype),  # few distinct keys
+              (base.float() + 0.01 * torch.randn(n, device=dev)).to(dtype),
+              base.clone()]                                                              # all deltas 0
+    inputs[1][::7] = -0.0
+    idx = torch.arange(n, device=dev)
+    for magnitude, with_base in ((True, True), (True, False), (False, False)):
+        b = base if with_base else None
+        for later_first in (False, True):
+            rows = [(0, 1, later_first), (0, n // 3, later_first), (1, n - 1, later_first), (1, 777, later_first),
+                    (2, n // 2, later_first), (0, 0, later_first), (1, n, later_first)]
+            edges = masks.select_edges(inputs, b, rows, magnitude=magnitude, backend=backend)
+            assert edges.dtype == torch.int32 and edges.shape == (2, len(rows))
+            for slot, (m, p, lf) in enumerate(rows):
+                keys = selection_keys(inputs[m], b, magnitude)
+                K, J = int(edges[0, slot]), int(edges[1, slot])
+                got = (keys > K) | ((keys == K) & ((idx >= J) if lf else (idx < J)))
+                assert torch.equal(got, _first_p(keys, p, lf)), (magnitude, with_base, lf, m, p)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [8, 512, 16384])
