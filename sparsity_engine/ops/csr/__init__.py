@@ -26,21 +26,10 @@ import_backend(__name__, "cuda")
 __all__ = ["CSRMatrix", "to_csr", "csr_linear", "prefer_dense", "DISPATCH_RULE", "REBUILD_MAX_TOKENS", "DENSE_ENV_VAR",
            "ALIGN", "densify"]
 
-#: When is dense cuBLAS faster than our sparse kernels? Measured on one H200 (benchmarks/bench_csr.py,
-#: 2026-12-02, bf16/fp16, 4096x4096 .. 28672x8192, L2 flushed), dense F.linear time / the CUDA backend's
-#: time (rows kernel or tensor-core tiles kernel, as it picks them):
-#:
-#:   tokens | 50% sparse  | 70%        | 80%        | 90%
-#:   1      | 0.80-1.01   | 1.10-1.50  | 1.32-1.98  | 1.88-3.21
-#:   2      | 0.75-0.91   | 1.02-1.41  | 1.20-1.85  | 1.51-2.93
-#:   4      | 0.70-0.79   | 0.82-1.20  | 1.00-1.57  | 1.29-2.38
-#:   8      | 0.63-0.75   | 0.81-0.90  | 0.95-1.19  | 1.03-1.78
-#:   16     | 0.57-0.71   | 0.74-0.81  | 0.84-0.97  | 0.92-1.14
-#:   64     | 0.37-0.53   | 0.43-0.56  | 0.50-0.62  | 0.53-0.68
-#:   128    | 0.21-0.30   | 0.25-0.34  | 0.29-0.38  | 0.31-0.40
-#:   256    | 0.15-0.19   | 0.17-0.25  | 0.21-0.29  | 0.22-0.31
-#:
-#: so with a dense weight at hand the sparse path is taken at most at the density (nnz / (N*K)) below:
+#: When is dense cuBLAS faster than our sparse kernels? From benchmarks/bench_csr.py's dense F.linear time / the
+#: CUDA backend's time (bf16/fp16, 4096x4096 .. 28672x8192, L2 flushed; the measured table is in BENCHMARKS.md,
+#: CSR linear): with a dense weight at hand the sparse path is taken at most at the density (nnz / (N*K)) below,
+#: the point where the slowest shape's ratio crosses 1.
 DISPATCH_RULE: Tuple[Tuple[int, float], ...] = (
     # (max tokens, max density for the sparse path); more tokens than the last entry: always dense
     (1, 0.40),
