@@ -215,6 +215,10 @@ def test_installed_extension_imports_without_a_gpu():
     if spec is None or spec.origin is None:
         pytest.skip("no ahead-of-time extension installed (nvcc absent at install time, or not installed)")
     info = _describe_in_fresh_process(spec.origin)
+    if info["version"] != _build.source_hash(CSRC):
+        # e.g. a development checkout whose package path also reaches another tree's build (_ext ignores such a
+        # build too); the installed build of these sources is what this test is about
+        pytest.skip(f"the installed extension {spec.origin} was built from other sources")
     families = sorted(n[: -len("_bindings.cpp")] for n in os.listdir(CSRC) if n.endswith("_bindings.cpp"))
     assert info["families"] == families
     assert any(a.startswith("90") for a in info["archs"]), info["archs"]
