@@ -182,6 +182,15 @@ def _csr_linear():
     return (_rand(5, 40, dtype=torch.float16), csr, _rand(24, dtype=torch.float16)), {}, _close(RTOL[torch.float16])
 
 
+def _csr_to_dense():
+    from sparsity_engine.ops.csr import to_csr
+
+    W = _rand(24, 40, dtype=torch.bfloat16)
+    W[torch.rand(24, 40, device=DEV) < 0.6] = 0
+    W[3] = 0  # an empty row
+    return (to_csr(W, backend="reference"),), {}, _same
+
+
 def _to_csr():
     W = _rand(9, 20)
     W[W.abs() < 0.8] = 0
@@ -217,6 +226,7 @@ CASES = {
     "sparsegpt_prune": _sparsegpt_prune,
     "csr_linear": _csr_linear,
     "to_csr": _to_csr,
+    "csr_to_dense": _csr_to_dense,
     "importance_scores": _importance_scores,
     "smooth_l0_penalty": _penalty("smooth_l0_penalty", 0.5),
     "lp_penalty": _penalty("lp_penalty", 0.5, 1e-8),

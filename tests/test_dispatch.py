@@ -157,3 +157,33 @@ def test_declared_dtypes_limits_and_supports_give_the_reasons(monkeypatch):
     assert _dispatch.choose_cached("toy", None, key, small, [small]).backend == "cuda"
     assert _dispatch.choose_cached("toy", None, key, big, [big]).backend == "cuda"  # the key decides
     assert _dispatch.choose_cached("toy", "reference", key, small, [small]).backend == "reference"
+
+
+def test_backends_reach_other_backends_only_through_dispatch():
+    """A backend module (ops/<family>/{reference,triton,cuda}.py) imports no other family's modules but its
+    front (ops/<family>/__init__), and no accelerated backend of its own family: what it needs of another op
+    it calls through dispatch, so every backend can be replaced, disabled or missing on its own."""
+    import ast
+    import pathlib
+
+    ops = pathlib.Path(se.__file__).parent / "ops"
+    families = sorted(p.name for p in ops.iterdir() if (p / "__init__.py").exists())
+    backends = {"reference", "triton", "cuda"}
+    bad = []
+    for family in families:
+        for backend in sorted(backends):
+            path = ops / family / f"{backend}.py"
+            if not path.exists():
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                module = (node.module or "").split(".")
+                names = [a.name for a in node.names]
+                if node.level == 1:      # from . import x / from .x import y: its own family
+                    targets = [module[0]] if module[0] else names
+                    bad += [f"{family}/{backend}.py imports .{t}" for t in targets if t in backends - {"reference", backend}]
+                elif node.level == 2 and module[0]:  # from ..other... : another family
+                    if module[0] in families and (len(module) > 1 or set(names) & backends):
+                        bad.append(f"{family}/{backend}.py imports ..{'.'.join(module)} {names}")
+    assert not bad, bad

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..._dispatch import choose_cached, dispatch, import_backend, resolve_backend
 from ..._validate import FLOAT_DTYPES, check_tensor
 from .format import ALIGN, CSRMatrix, validate_csr
+from .tiles import tiles_apply
 from . import reference  # noqa: F401  (registers the oracle)
 
 import_backend(__name__, "triton")
@@ -70,15 +71,10 @@ def to_csr(weight: torch.Tensor, *, index_dtype: Optional[torch.dtype] = None,
     return csr
 
 
-def densify(csr: CSRMatrix) -> torch.Tensor:
-    """The dense weight [N, K]: one Triton scatter pass on CUDA (where Triton is there), else torch."""
-    if csr.values.is_cuda:
-        try:
-            from .triton import csr_to_dense
-        except ImportError:
-            return csr.to_dense()
-        return csr_to_dense(csr)
-    return csr.to_dense()
+def densify(csr: CSRMatrix, *, backend: Optional[str] = None) -> torch.Tensor:
+    """The dense weight [N, K] (exact): one Triton scatter pass on CUDA where Triton runs, else torch."""
+    validate_csr(csr)
+    return dispatch("csr_to_dense", backend, csr)
 
 
 def prefer_dense(tokens: int, density: float, dense_fallback: Optional[bool] = None, *,
@@ -152,13 +148,9 @@ def csr_linear(x: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor] = N
     impl = _impl_for(backend, x2, csr, bias)
     if resolve_backend(backend) is None and x.is_cuda:
         dense = getattr(csr, "dense_cache", None)
-        tiles = impl.backend == "cuda" and _tiles_apply(x2, csr)
+        tiles = impl.backend == "cuda" and tiles_apply(x2, csr)
         if prefer_dense(tokens, csr.density, dense_fallback, dense_at_hand=dense is not None, tiles_kernel=tiles):
             return F.linear(x2, dense if dense is not None else densify(csr), bias).reshape(*lead, n)
     out = impl.fn(x2, csr, bias)
     return out.reshape(*lead, n)
 
-
-def _tiles_apply(x2: torch.Tensor, csr: CSRMatrix) -> bool:
-    from .cuda import tiles_apply  # imported only once the CUDA backend was chosen (so it imported)
-    return tiles_apply(x2, csr)

@@ -16,7 +16,7 @@ import torch
 from ..._dispatch import register
 from ..._ext import dtype_code, load_extension, stream_ptr
 from .format import CSRMatrix
-from .tiles import tile_layout
+from .tiles import tile_layout, tiles_apply
 
 MAX_TOKENS = 16  # of the rows kernel
 #: Where the tiles kernel beats the rows kernel (bench_csr.py's rows_us vs tiles_us, BENCHMARKS.md): never
@@ -33,11 +33,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous() or t.data_ptr() % 16:
         t = t.clone(memory_format=torch.contiguous_format)
     return t
-
-
-def tiles_apply(x2: torch.Tensor, csr: CSRMatrix) -> bool:
-    """Whether the tiles kernel can take these inputs: fp16/bf16 and in_features a multiple of 8."""
-    return x2.dtype in (torch.float16, torch.bfloat16) and csr.shape[1] % 8 == 0
 
 
 def _supports(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> List[str]:

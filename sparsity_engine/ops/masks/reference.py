@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..._dispatch import register
-from ..._validate import check_result
+from ..._validate import check_result, raise_nonfinite
 
 RESCALE_NORMS = (None, "l1", "l2", "linf")
 RESCALE_EPS = 1e-7  # below this a norm counts as zero and the masked tensor is returned unscaled
@@ -202,8 +202,6 @@ def keep_with_probabilities(x: torch.Tensor, probs: torch.Tensor, seed: int, out
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """t_i - base in base's dtype, each checked finite (ValueError naming base or tensors[i])."""
-    from ..._validate import raise_nonfinite
-
     deltas = [t - base for t in tensors]
     if not bool(torch.stack([torch.isfinite(d).all() for d in deltas]).all()):
         raise_nonfinite(base, tensors)
