@@ -706,3 +706,22 @@ def test_rescale_norm_past_fp16_range_stays_finite(backend):
         out = se.della_magprune(x, 0.5, 0.1, rescale_norm="l1", backend=backend)
         assert torch.isfinite(out).all()
         assert abs(out.float().abs().sum().item() / x.float().abs().sum().item() - 1) < 1e-2
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_select_edges_many_rows_on_one_input(backend):
+    """Any number of rows, several on one input (the CUDA kernel takes 2 per input and 16 per launch)."""
+    from sparsity_engine.ops import masks
+    x = torch.randint(-20, 21, (2, 500), device=KERNEL_DEVICE).float()
+    rows = [(i % 2, p, bool(p % 3)) for i, p in enumerate(range(1, 500, 25))]
+    assert torch.equal(masks.select_edges(list(x), None, rows, magnitude=False, backend=backend),
+                       masks.select_edges(list(x), None, rows, magnitude=False, backend="reference"))
+
+
+def test_select_edges_launch_groups():
+    from sparsity_engine.ops.masks.cuda import _launch_groups
+    rows = [(i % 3, 10 + i, False, i) for i in range(40)]
+    groups = _launch_groups(rows)
+    assert sorted(r for g in groups for r in g) == sorted(rows)
+    for g in groups:
+        assert len(g) <= 16 and all(sum(r[0] == m for r in g) <= 2 for m in range(3))

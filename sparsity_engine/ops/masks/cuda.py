@@ -145,8 +145,8 @@ def select_edges(inputs, base, rows, magnitude, out):
     from the kernel's upper half (k_shift 16); order keys are mapped from unsigned to signed on the device."""
     ts = [t.contiguous() for t in inputs]
     width = 32 if ts[0].dtype == torch.float32 else 16
-    for start in range(0, len(rows), 16):  # the kernel takes 16 rows per launch
-        launch_select(ts, base.contiguous() if base is not None else None, rows[start:start + 16],
+    for group in _launch_groups(rows):
+        launch_select(ts, base.contiguous() if base is not None else None, group,
                       mode=MAGNITUDE if magnitude else ORDER, out_k=out[0], out_j=out[1], k_shift=32 - width)
     if not magnitude:
         # unsigned order u -> signed key: u - 2**(w-1) for positives, u - 2**(w-1) + 1 for negatives (whose bits
@@ -156,6 +156,20 @@ def select_edges(inputs, base, rows, magnitude, out):
         searched = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
         searched[[r[3] for r in rows]] = True
         out[0] = torch.where(searched, u - half + (u < half).long(), out[0].long()).to(torch.int32)
+
+
+def _launch_groups(rows: Sequence[Tuple[int, int, bool, int]]) -> List[list]:
+    """The rows split into launches the kernel takes: at most 16 rows, at most 2 of them on one input (a merge's
+    band start and end)."""
+    groups: List[list] = []
+    for row in rows:
+        for group in groups:
+            if len(group) < 16 and sum(r[0] == row[0] for r in group) < 2:
+                group.append(row)
+                break
+        else:
+            groups.append([row])
+    return groups
 
 
 def _select_whole(x: torch.Tensor, k: int, *, mode: int, values: bool, bad: torch.Tensor) -> torch.Tensor:
