@@ -111,7 +111,7 @@ def _della_deltas():
     lo, span, active = [0.2, 0.4, 0.0], [0.2, 0.2, 0.0], [True, True, False]
 
     def compare(got, expected):
-        (deltas, parts), (ref_deltas, ref_parts) = got, expected
+        (deltas, parts), (_, ref_parts) = got, expected
         for i in range(3):
             d, full = deltas[i], ts[i] - base
             kept = d != 0

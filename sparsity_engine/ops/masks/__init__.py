@@ -11,7 +11,7 @@ and mergekit's rescale (:func:`rescale_masked`, :data:`RESCALE_EPS`).
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 

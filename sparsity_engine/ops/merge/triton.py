@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..._dispatch import register
+from ..._dispatch import explain, register
 from ..._validate import raise_nonfinite
 from .. import masks
 from .._triton_common import magnitude_key, round_to
@@ -422,7 +422,7 @@ class _Plan:
     def base_arg(self) -> torch.Tensor:
         return self.base if self.base is not None else self.tensors[0]
 
-    def select_bands(self, bands: List[Optional[tuple]], *, later_first: bool, backend: Optional[str]) -> None:
+    def select_bands(self, bands: List[Optional[tuple]], *, later_first: bool, backend: str) -> None:
         """bands[i] = (lo, hi) kept positions of model i in descending-magnitude order, or None (keep all).
         Equal magnitudes are ordered by flat index, ascending (magnitude) or descending (``later_first``,
         breadcrumbs), as reference.descending_rank."""
@@ -508,15 +508,23 @@ def merge_task_vectors(base, tensors, weights, **kwargs):
 
 
 # The 'cuda' merge is the same fused Triton pass with its band edges and DELLA task vectors from the masks
-# family's CUDA kernels wherever they take the inputs ('auto' among the masks backends: CUDA, else Triton).
+# family's CUDA kernels (DELLA's where its kernel takes the rows: fp16 / bf16, rows up to 65535, else Triton's).
 @register("merge_task_vectors", "cuda", dtypes=_DTYPES, limits=_LIMITS, supports=_merge_supports)
 def merge_task_vectors_cuda(base, tensors, weights, **kwargs):
-    return fused_merge(base, tensors, weights, parts_backend=None, **kwargs)
+    return fused_merge(base, tensors, weights, parts_backend="cuda", **kwargs)
+
+
+def _della_backend(parts_backend: str, base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> str:
+    """The CUDA merge's DELLA on the CUDA kernel where it takes these inputs, else on Triton."""
+    if parts_backend == "cuda" and explain("della_deltas", base, list(tensors), [], [], [], [], None).get("cuda"):
+        return "triton"
+    return parts_backend
 
 
 def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons, gammas, lambda_, normalize,
-                rescale_norm, generator=None, parts_backend: Optional[str] = "triton"):
-    """The fused merge; ``parts_backend`` is the masks family's backend for the band edges and DELLA."""
+                rescale_norm, generator=None, parts_backend: str = "triton"):
+    """The fused merge; ``parts_backend`` ('triton' | 'cuda') is the masks family's backend for the band edges
+    and DELLA's task vectors."""
     dtype = base.dtype
     base = base.contiguous()
     ts = [t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors]
@@ -536,7 +544,7 @@ def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons
         eps = [masks.della_epsilon(d, e, stacklevel=5) if a and d > 0 else 0.0
                for d, e, a in zip(densities, epsilons, active)]
         deltas, parts = masks.della_deltas(base, ts, densities, eps, _draw_seeds(generator, N), active, norm,
-                                           backend=parts_backend)
+                                           backend=_della_backend(parts_backend, base, ts))
         plan = _Plan(base, list(deltas.unbind(0)), weights)
         if parts is not None:
             plan.scale_from_parts(F.pad(parts, (0, _NP[N] - N)).contiguous(), norm, active)
@@ -570,10 +578,10 @@ def magnitude_outliers(t, density, gamma, rescale_norm=None):
 
 @register("magnitude_outliers", "cuda", dtypes=_DTYPES, limits=_LIMITS)
 def magnitude_outliers_cuda(t, density, gamma, rescale_norm=None):
-    return outliers(t, density, gamma, rescale_norm, parts_backend=None)
+    return outliers(t, density, gamma, rescale_norm, parts_backend="cuda")
 
 
-def outliers(t, density, gamma, rescale_norm=None, parts_backend: Optional[str] = "triton"):
+def outliers(t, density, gamma, rescale_norm=None, parts_backend: str = "triton"):
     """Breadcrumbs' band of one tensor, its edges from masks.select_edges on ``parts_backend``."""
     if density >= 1:
         return t
