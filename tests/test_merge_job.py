@@ -362,18 +362,18 @@ def test_host_memory_holds_a_few_tensors_per_model(llamas, tmp_path, monkeypatch
 
     base, fts = llamas
     live = {"now": 0, "peak": 0}
-    real_get, real_bytes = engine._Source.get, engine._tensor_bytes
+    real_read, real_bytes = engine._Source.read, engine._tensor_bytes
 
-    def get(self, name):
+    def read(self, name, stream=None):
         live["now"] += 1
         live["peak"] = max(live["peak"], live["now"])
-        return real_get(self, name)
+        return real_read(self, name, stream)
 
     def written(t):
         live["now"] -= 4  # the four inputs of this tensor are gone once it is written
         return real_bytes(t)
 
-    monkeypatch.setattr(engine._Source, "get", get)
+    monkeypatch.setattr(engine._Source, "read", read)
     monkeypatch.setattr(engine, "_tensor_bytes", written)
     rc, _ = _ours(_yaml("task_arithmetic", fts, W3, base=base), tmp_path, "--read-ahead", "1")
     assert rc == EXIT_OK

@@ -6,15 +6,18 @@ base stores its tensors, at most ``max_shard_bytes`` each, as mergekit's writer 
 
 Run, in three kinds of threads:
 
-* one reader per input model reads its tensors in that order through ``io.SafetensorsReader`` (its handle is
-  closed after every tensor, so the memory-mapped pages are released) and copies them to the device (on its
-  own CUDA stream); at most ``read_ahead`` tensors per model wait in its queue;
+* one reader per input model reads its tensors in that order with positioned reads at the offsets of the
+  headers (``io.SafetensorsReader`` lists and checks the files; the bytes are read explicitly rather than
+  memory-mapped, so host memory stays at the buffers below and no page faults are taken), asks the kernel to
+  read the next tensors ahead (posix_fadvise), and on a GPU copies through two pinned 64 MiB buffers on its
+  own CUDA stream; at most ``read_ahead`` tensors per model wait in its queue;
 * the main thread aligns dtypes, merges on the device (``methods``), copies the result to the host;
 * one writer appends results to the current shard (header first: the layout is known), writes each shard
   atomically under its final name, and marks it done in the job file.
 
-Host memory: about ``read_ahead`` tensors per model on the CPU path (on a GPU the read-ahead lives in GPU
-memory; the host holds the tensor being copied per model) plus two results waiting for the writer. The job
+Host memory: about ``read_ahead`` + 1 tensors per model on the CPU path (on a GPU the read-ahead lives in GPU
+memory and the host holds two 64 MiB staging buffers per model) plus the result being copied back and two
+waiting for the writer. The job
 folder follows ``io.jobdir`` (job file first, resume only with the same settings, overwrite removes only what
 the job wrote); ``resume`` continues at the first shard not written. The index, config, tokenizer files,
 ``mergekit_config.yml`` and ``merge_report.json`` are written last.
@@ -68,7 +71,9 @@ class MergeInputError(ValueError):
 class TensorInfo:
     dtype: torch.dtype
     shape: Tuple[int, ...]
+    file: str
     offset: int  # of its data in the file, from the file's start
+    nbytes: int
 
 
 def read_header(path: str) -> Dict[str, TensorInfo]:
@@ -93,7 +98,8 @@ def read_header(path: str) -> Dict[str, TensorInfo]:
             start, end = v["data_offsets"]
             if 8 + n + end > size:
                 raise ValueError(f"it is truncated: tensor {name!r} ends at byte {8 + n + end} of {size}")
-            out[name] = TensorInfo(_ST_DTYPES[v["dtype"]], tuple(int(s) for s in v["shape"]), 8 + n + start)
+            out[name] = TensorInfo(_ST_DTYPES[v["dtype"]], tuple(int(s) for s in v["shape"]), path, 8 + n + start,
+                                   end - start)
         return out
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MergeInputError(f"cannot read the safetensors file {path!r}: {exc}") from None
@@ -125,6 +131,7 @@ class Plan:
     tasks: List[Task]
     shard_names: List[str]
     shard_tasks: List[List[int]]
+    inputs: List[Dict[str, TensorInfo]]  # per input model: where each tensor lies
 
     def shard_size(self, i: int) -> int:
         """Bytes of shard i on disk: its header and its tensors' data."""
@@ -236,7 +243,7 @@ def plan_merge(cfg: MergeConfig, *, max_shard_bytes: int = 5 * 10**9) -> Plan:
         tasks.append(Task(name, infos[0].shape, compute, out, shared, per_input, in_bytes))
     if not tasks:
         raise MergeInputError(f"model {cfg.inputs[template].path!r} holds no tensors")
-    return _lay_out_shards(Plan(cfg, tasks, [], []), max_shard_bytes)
+    return _lay_out_shards(Plan(cfg, tasks, [], [], [lay[1] for lay in layouts]), max_shard_bytes)
 
 
 def _numel(shape) -> int:
@@ -288,25 +295,82 @@ def _shard_header(plan: Plan, shard: int) -> bytes:
 
 # ------------------------------------------------------------------ threads
 
+READ_CHUNK = 64 * 2**20  # bytes per read call (and per pinned staging buffer on the GPU path)
+
+
 class _Source:
-    """One input model's tensors through io.SafetensorsReader, with SparseGPT-pruned tensors from ``overlay``."""
+    """One input model's tensor bytes, read with plain positioned reads at the offsets of its headers.
 
-    def __init__(self, path: str, overlay: Optional[str] = None):
-        from ..io import SafetensorsReader
+    Explicit reads (not memory maps) keep host memory to the buffers below, whatever the file sizes, and need
+    no page faults. ``infos``: name -> TensorInfo (SparseGPT work files override the model's own tensors).
+    ``prefetch(names)`` asks the kernel to read those tensors' bytes ahead (posix_fadvise WILLNEED)."""
 
-        self.reader = SafetensorsReader(path)
-        self.overlay = SafetensorsReader(overlay) if overlay else None
+    def __init__(self, infos: Dict[str, TensorInfo], device: torch.device):
+        self.infos = infos
+        self.device = device
+        self._fds: Dict[str, int] = {}
+        self._advised = set()
+        self._advise = hasattr(os, "posix_fadvise")
+        self._staging: List[torch.Tensor] = []
+        self._copied: List[Optional[torch.cuda.Event]] = []
 
-    def get(self, name: str) -> torch.Tensor:
-        if self.overlay is not None and name in self.overlay:
-            return self.overlay.get(name)
-        return self.reader.get(name)
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
 
-    def release(self) -> None:
-        """Drop the file handles: the memory-mapped pages read so far leave the process."""
-        self.reader.close()
-        if self.overlay is not None:
-            self.overlay.close()
+    def prefetch(self, names: Sequence[str]) -> None:
+        for name in names:
+            if not self._advise or name in self._advised:
+                continue
+            self._advised.add(name)
+            info = self.infos[name]
+            try:
+                os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:  # a file system without read-ahead hints: plain reads still work
+                self._advise = False
+
+    def _pread(self, fd: int, view, offset: int, name: str) -> None:
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise MergeInputError(f"tensor {name!r}: its file ends before its data (truncated?)")
+            got += n
+
+    def read(self, name: str, stream=None) -> torch.Tensor:
+        """The tensor on the source's device (on the GPU through two pinned staging buffers, copies on
+        ``stream``; the caller synchronises before handing it on)."""
+        info = self.infos[name]
+        out = torch.empty(info.shape, dtype=info.dtype, device=self.device)
+        if info.nbytes == 0:
+            return out
+        fd, flat = self._fd(info.file), out.view(-1).view(torch.uint8)
+        if self.device.type == "cpu":
+            for pos in range(0, info.nbytes, READ_CHUNK):
+                self._pread(fd, memoryview(flat[pos:pos + READ_CHUNK].numpy()), info.offset + pos, name)
+            return out
+        if not self._staging:
+            self._staging = [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._copied = [None, None]
+        for j, pos in enumerate(range(0, info.nbytes, READ_CHUNK)):
+            k = j % 2
+            if self._copied[k] is not None:
+                self._copied[k].synchronize()  # the buffer's last copy to the GPU is done: it may be refilled
+            n = min(READ_CHUNK, info.nbytes - pos)
+            buf = self._staging[k][:n]
+            self._pread(fd, memoryview(buf.numpy()), info.offset + pos, name)
+            with torch.cuda.stream(stream):
+                flat[pos:pos + n].copy_(buf, non_blocking=True)
+                self._copied[k] = torch.cuda.Event()
+                self._copied[k].record(stream)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
 
 class _Stop(Exception):
@@ -372,21 +436,14 @@ class _Pipeline:
             th.join()
 
 
-def _read_loop(pipe: _Pipeline, source: _Source, names: List[str], out: queue.Queue, device: torch.device) -> None:
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    for name in names:
+def _read_loop(pipe: _Pipeline, source: _Source, names: List[str], out: queue.Queue) -> None:
+    stream = torch.cuda.Stream(source.device) if source.device.type == "cuda" else None
+    for i, name in enumerate(names):
         t0 = time.perf_counter()
-        view = source.get(name)
+        source.prefetch(names[i:i + pipe.read_ahead + 2])
+        t = source.read(name, stream)
         if stream is not None:
-            with torch.cuda.stream(stream):
-                t = view.to(device, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-            ready.synchronize()  # the host pages are copied; the tensor is ready for any stream
-        else:
-            t = view.clone()
-        del view
-        source.release()
+            stream.synchronize()  # the tensor is complete before another stream may use it
         pipe.add("read_s", time.perf_counter() - t0)
         pipe.put(out, (name, t))
 
@@ -483,6 +540,15 @@ def _versions() -> Dict[str, Any]:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM where /proc has it (ru_maxrss also counts the memory of the
+    process that started this one, which Linux folds in at exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -584,13 +650,14 @@ def _stream(job, plan: Plan, overlays: Dict[int, str], dev, backend, seed, read_
     queues = [queue.Queue(maxsize=read_ahead) for _ in cfg.inputs]
     writer_q: queue.Queue = queue.Queue(maxsize=2)
     written = {"bytes": 0}
-    sources = [_Source(m.path, job.path(overlays[i]) if i in overlays else None) for i, m in enumerate(cfg.inputs)]
+    sources = [_Source(_with_overlay(plan.inputs[i], job.path(overlays[i]) if i in overlays else None), dev)
+               for i in range(len(cfg.inputs))]
     bar = _Bar(progress, sum(plan.tasks[t].in_bytes for t in tasks), len(plan.tasks),
                len(plan.tasks) - len(tasks))
     t_start = time.perf_counter()
     try:
         for src, q in zip(sources, queues):
-            pipe.start(_read_loop, pipe, src, names, q, dev)
+            pipe.start(_read_loop, pipe, src, names, q)
         pipe.start(_write_loop, pipe, job, plan, todo, writer_q, written)
         for t in tasks:
             task = plan.tasks[t]
@@ -624,7 +691,7 @@ def _stream(job, plan: Plan, overlays: Dict[int, str], dev, backend, seed, read_
         pipe.close()
         bar.close()
         for src in sources:
-            src.release()
+            src.close()
     pipe.check()
     stream_s = time.perf_counter() - t_start
     timings.update(stream_s=stream_s, **{k: round(v, 6) for k, v in pipe.stats.items()})
@@ -634,6 +701,13 @@ def _stream(job, plan: Plan, overlays: Dict[int, str], dev, backend, seed, read_
             "bytes": {"read": read, "written": written["bytes"],
                       "read_per_s": read / stream_s if stream_s > 0 else None,
                       "written_per_s": written["bytes"] / stream_s if stream_s > 0 else None}}
+
+
+def _with_overlay(infos: Dict[str, TensorInfo], overlay: Optional[str]) -> Dict[str, TensorInfo]:
+    """The model's tensor locations, with those of a SparseGPT work file taking precedence."""
+    if overlay is None:
+        return infos
+    return dict(infos, **read_header(overlay))
 
 
 def _complete(path: str, size: int) -> bool:
@@ -748,14 +822,11 @@ def _sparsegpt_stage(job, cfg: MergeConfig, dev, backend, progress, timings) -> 
 
 def _merge_pruned_as_they_are(plan: Plan, job, overlays: Dict[int, str]) -> None:
     """SparseGPT-pruned tensors are already sparse: their model's density is 1 in the merge."""
-    from ..io import SafetensorsReader
-
     by_name = {task.name: task for task in plan.tasks}
     for k, rel in overlays.items():
-        with SafetensorsReader(job.path(rel)) as pruned:
-            for name in pruned.keys():
-                if name in by_name and by_name[name].compute_dtype is not None:
-                    by_name[name].per_input[k]["density"] = 1.0
+        for name in read_header(job.path(rel)):
+            if name in by_name and by_name[name].compute_dtype is not None:
+                by_name[name].per_input[k]["density"] = 1.0
 
 
 def _load_base_for_sparsegpt(cfg: MergeConfig):
