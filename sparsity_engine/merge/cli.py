@@ -12,7 +12,23 @@ Our addition: under the top-level key 'sparsity_engine', 'sparsification: sparse
 block-linear deltas with SparseGPT's error compensation on calibration text (to each model's density) before
 the task-arithmetic merge; 'calibration:' sets file (.txt / .jsonl / token ids; default: the bundled English
 corpus), nsamples (128), seqlen (2048), seed (0), hessian (per-model | shared), batch_size (8), blocksize (128),
-percdamp (0.01). mergekit ignores that key.
+percdamp (0.01). mergekit ignores that key. Example:
+
+  merge_method: ties
+  base_model: ./llama-base
+  models:
+    - model: ./llama-math
+      parameters: {weight: 1.0, density: 0.3}
+    - model: ./llama-code
+      parameters: {weight: 0.7, density: 0.3}
+  dtype: bfloat16
+  sparsity_engine:
+    sparsification: sparsegpt
+    calibration: {file: calib.txt, nsamples: 64, seqlen: 1024}
+
+Refused before any work, with a message naming it: other methods, several slices or partial layer ranges,
+modules, tokenizer / chat_template settings, tokenizer_source other than base, LoRA or hub references,
+unknown keys or parameters.
 
 OUT_DIR gets the safetensors shards, config.json, the donor's tokenizer files, mergekit_config.yml and
 merge_report.json (settings, versions, time per phase, bytes). Resumable with --resume."""
@@ -22,7 +38,10 @@ def add_parser(subparsers) -> None:
     """Register the ``merge`` subcommand on the CLI's subparsers."""
     from ..cli import _positive_int, _shard_size
 
-    p = subparsers.add_parser("merge", help="merge models from a mergekit YAML configuration", description=DESCRIPTION)
+    import argparse
+
+    p = subparsers.add_parser("merge", help="merge models from a mergekit YAML configuration", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", metavar="CONFIG.yml", help="mergekit configuration (YAML)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty, or one this command made)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")

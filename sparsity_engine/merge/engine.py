@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import queue
 import resource
 import shutil
@@ -343,7 +342,11 @@ class _Source:
         """The tensor on the source's device (on the GPU through two pinned staging buffers, copies on
         ``stream``; the caller synchronises before handing it on)."""
         info = self.infos[name]
-        out = torch.empty(info.shape, dtype=info.dtype, device=self.device)
+        if self.device.type == "cuda":
+            with torch.cuda.stream(stream):  # allocated on the reader's stream: the consumer's record_stream
+                out = torch.empty(info.shape, dtype=info.dtype, device=self.device)  # then guards its reuse
+        else:
+            out = torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes == 0:
             return out
         fd, flat = self._fd(info.file), out.view(-1).view(torch.uint8)
@@ -499,17 +502,13 @@ def merge_one(plan: Plan, task: Task, xs: List[torch.Tensor], *, seed: int = 0, 
 # ------------------------------------------------------------------ job
 
 def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The pruning job's device rule (cuda when available), its errors as MergeConfigError."""
+    from ..pruning.pipeline import ConfigError, resolve_device
+
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MergeConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeConfigError(f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise MergeConfigError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
+        return resolve_device(device)
+    except ConfigError as exc:
+        raise MergeConfigError(str(exc)) from None
 
 
 def _settings(cfg: MergeConfig, seed: int, max_shard_bytes: int, device: torch.device, backend) -> Dict[str, Any]:
@@ -523,19 +522,6 @@ def _settings(cfg: MergeConfig, seed: int, max_shard_bytes: int, device: torch.d
     if not cfg.spec.deterministic or cfg.sparsegpt:
         out["device"] = device.type
         out["backend"] = backend or "auto"
-    return out
-
-
-def _versions() -> Dict[str, Any]:
-    import sparsity_engine
-
-    out = {"sparsity_engine": sparsity_engine.__version__, "python": platform.python_version(),
-           "torch": torch.__version__, "cuda_runtime": torch.version.cuda}
-    for mod in ("safetensors", "triton", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
     return out
 
 
@@ -621,7 +607,9 @@ def run_merge(config: Union[str, MergeConfig], out_dir: str, *, device=None, bac
             job.remove(rel)
         timings["finalize_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
-        report.update(settings=settings, runtime=runtime, versions=_versions(), device=_device_name(dev),
+        from ..pruning.pipeline import _versions, device_description  # the jobs' one version / device record
+
+        report.update(settings=settings, runtime=runtime, versions=_versions(), device=device_description(dev),
                       timings=timings, files=files, peak_host_rss_bytes=_peak_rss_bytes(),
                       peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
         from ..io import write_json_atomic
@@ -629,12 +617,6 @@ def run_merge(config: Union[str, MergeConfig], out_dir: str, *, device=None, bac
         write_json_atomic(job.output(REPORT_FILE), report)
         job.finish()
     return report
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _stream(job, plan: Plan, overlays: Dict[int, str], dev, backend, seed, read_ahead, progress, timings):
