@@ -330,7 +330,8 @@ def main(argv=None):
             wall_mk, rss_mk, rc, tail = timed_child(mk + [cfg, mk_out, "--cuda"], timeout=args.mergekit_timeout)
             where = "cuda"
             if rc not in (0, None):
-                print(f"[bench] mergekit-yaml --cuda failed (exit {rc}); on the CPU instead:\n{tail[-800:]}", flush=True)
+                print(f"[bench] mergekit-yaml --cuda failed (exit {rc}); on the CPU instead:\n{tail[-800:]}",
+                      flush=True)
                 shutil.rmtree(mk_out, ignore_errors=True)
                 drop_caches(dirs)
                 wall_mk, rss_mk, rc, tail = timed_child(mk + [cfg, mk_out], timeout=args.mergekit_timeout)

@@ -49,7 +49,8 @@ W3 = [{"weight": 1.0}, {"weight": 0.6}, {"weight": -0.3}]
 def _case(name, base, fts):
     """(YAML text) of each parity case; base and fts are model folders."""
     b, (a, c, d) = base, fts
-    grad_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    grad_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+              {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
               {"value": 0.4}]
     cases = {
         "linear": lambda: _yaml("linear", [a, c, d, b], W3 + [{"weight": 0.5}], dtype="float32"),
@@ -312,7 +313,8 @@ def test_output_loads_with_transformers_and_keeps_tokenizer_config_report(tok_ll
     with open(os.path.join(out, "merge_report.json")) as f:
         report = json.load(f)
     assert report["settings"]["method"] == "ties" and report["versions"]["torch"] == torch.__version__
-    assert {"plan_s", "stream_s", "read_s", "merge_s", "write_s", "finalize_s", "total_s"} <= set(report["timings"])
+    assert {"plan_s", "stream_s", "read_threads_s", "merge_s", "write_thread_s", "finalize_s",
+            "total_s"} <= set(report["timings"])
     assert report["bytes"]["written"] == index["metadata"]["total_size"] > 0
     assert report["peak_host_rss_bytes"] > 0
     with open(os.path.join(out, "mergekit_config.yml")) as f:

@@ -27,7 +27,8 @@ _EMBED_HINTS = ("embed", "lm_head", "wte", "word_embeddings")
 def _per_model(name: str, value, n: int) -> List:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"{name} must be a number or a list of {n} numbers (one per fine-tuned model), got {len(value)}")
+            raise ValueError(f"{name} must be a number or a list of {n} numbers (one per fine-tuned model), "
+                             f"got {len(value)}")
         return list(value)
     return [value] * n
 
@@ -47,7 +48,8 @@ def _fit(name: str, base: torch.Tensor, t: torch.Tensor, model: int) -> Optional
 
 def iter_merged(base, finetuned: Sequence, weights, *, method: str, density=1.0, epsilon=0.15, gamma=0.01,
                 lambda_: float = 1.0, normalize: Optional[bool] = None, rescale=None, consensus: Optional[str] = None,
-                device: Optional[Union[str, torch.device]] = None, out_device: Optional[Union[str, torch.device]] = "cpu",
+                device: Optional[Union[str, torch.device]] = None,
+                out_device: Optional[Union[str, torch.device]] = "cpu",
                 generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
                 names: Optional[Sequence[str]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor) for every tensor of ``base`` (or ``names``), one at a time.

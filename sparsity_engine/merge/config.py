@@ -348,7 +348,8 @@ def _model_entry(entry, where: str) -> ModelRef:
     extra = sorted(set(entry) - {"model", "parameters"})
     if extra:
         raise MergeConfigError(f"{where}: unknown key(s) {', '.join(extra)}")
-    return ModelRef(_model_path(entry["model"], f"{where}.model"), _params(entry.get("parameters"), f"{where}.parameters"))
+    return ModelRef(_model_path(entry["model"], f"{where}.model"),
+                    _params(entry.get("parameters"), f"{where}.parameters"))
 
 
 def num_layers(model_dir: str) -> Optional[int]:
@@ -425,7 +426,8 @@ def _sparsegpt(block, spec: MethodSpec) -> Optional[SparseGPTOptions]:
         if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1:
             raise MergeConfigError(f"sparsity_engine.calibration.{key} must be a positive integer, got {opts[key]!r}")
     if isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int) or not 0 <= opts["seed"] < 2**32:
-        raise MergeConfigError(f"sparsity_engine.calibration.seed must be an integer in [0, 2**32), got {opts['seed']!r}")
+        raise MergeConfigError(f"sparsity_engine.calibration.seed must be an integer in [0, 2**32), "
+                               f"got {opts['seed']!r}")
     if opts["hessian"] not in ("per-model", "shared"):
         raise MergeConfigError(f"sparsity_engine.calibration.hessian must be 'per-model' or 'shared', got "
                                f"{opts['hessian']!r}")

@@ -118,10 +118,7 @@ class Task:
 
     @property
     def out_bytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.out_dtype.itemsize
+        return _numel(self.shape) * self.out_dtype.itemsize
 
 
 @dataclass
@@ -137,8 +134,8 @@ class Plan:
         return len(_shard_header(self, i)) + sum(self.tasks[t].out_bytes for t in self.shard_tasks[i])
 
 
-def _input_tensors(path: str) -> Tuple[List[str], Dict[str, TensorInfo], Dict[str, int]]:
-    """(names in storage order, name -> info, name -> shard number) of one model folder."""
+def _input_tensors(path: str) -> Tuple[List[str], Dict[str, TensorInfo]]:
+    """(names in storage order: by shard, then by offset; name -> where it lies) of one model folder."""
     from ..io import SafetensorsReader
 
     try:
@@ -158,7 +155,7 @@ def _input_tensors(path: str) -> Tuple[List[str], Dict[str, TensorInfo], Dict[st
     if missing:
         raise MergeInputError(f"model {path!r}: the index names tensors its shards do not hold: {missing[:4]}")
     names = sorted(where, key=lambda n: (where[n], infos[n].offset))
-    return names, infos, where
+    return names, infos
 
 
 def _layer_position(cfg: MergeConfig, names: Sequence[str]):
@@ -208,7 +205,7 @@ def plan_merge(cfg: MergeConfig, *, max_shard_bytes: int = 5 * 10**9) -> Plan:
     layouts = [_input_tensors(m.path) for m in cfg.inputs]
     template = cfg.base if cfg.base is not None else 0
     names = layouts[template][0]
-    for k, (_, infos, _) in enumerate(layouts):
+    for k, (_, infos) in enumerate(layouts):
         missing = [n for n in names if n not in infos]
         if missing:
             raise MergeInputError(f"model {cfg.inputs[k].path!r} lacks {len(missing)} tensor(s) of "
@@ -389,8 +386,9 @@ class _Pipeline:
         self.read_ahead = read_ahead
         self.threads: List[threading.Thread] = []
         self.lock = threading.Lock()
-        self.stats: Dict[str, float] = {"read_s": 0.0, "write_s": 0.0, "wait_read_s": 0.0, "merge_s": 0.0,
-                                        "to_host_s": 0.0, "wait_write_s": 0.0}
+        # busy seconds: of the reader threads (summed), the writer, and the main thread's steps
+        self.stats: Dict[str, float] = {"read_threads_s": 0.0, "write_thread_s": 0.0, "wait_read_s": 0.0,
+                                        "merge_s": 0.0, "to_host_s": 0.0, "wait_write_s": 0.0}
 
     def add(self, key: str, seconds: float) -> None:
         with self.lock:
@@ -447,7 +445,7 @@ def _read_loop(pipe: _Pipeline, source: _Source, names: List[str], out: queue.Qu
         t = source.read(name, stream)
         if stream is not None:
             stream.synchronize()  # the tensor is complete before another stream may use it
-        pipe.add("read_s", time.perf_counter() - t0)
+        pipe.add("read_threads_s", time.perf_counter() - t0)
         pipe.put(out, (name, t))
 
 
@@ -468,7 +466,7 @@ def _write_loop(pipe: _Pipeline, job, plan: Plan, shards: List[int], inbox: queu
                     raise RuntimeError(f"writer expected tensor {plan.tasks[t].name!r}, got {name!r}")
                 t0 = time.perf_counter()
                 f.write(_tensor_bytes(host))
-                pipe.add("write_s", time.perf_counter() - t0)
+                pipe.add("write_thread_s", time.perf_counter() - t0)
                 written["bytes"] += host.numel() * host.element_size()
             f.flush()
         job.mark_done(f"shard:{plan.shard_names[s]}", {"tensors": len(plan.shard_tasks[s])})
