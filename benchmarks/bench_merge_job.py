@@ -56,6 +56,7 @@ sys.path.insert(0, ROOT)
 
 SHAPES = {  # hidden, intermediate, vocab, heads, full depth
     "7b": dict(hidden=4096, intermediate=11008, vocab=32000, heads=32, layers=32),
+    "small": dict(hidden=1024, intermediate=2752, vocab=8000, heads=8, layers=16),
     "tiny": dict(hidden=256, intermediate=688, vocab=1000, heads=4, layers=8),
 }
 WEIGHTS = (1.0, 0.7, 0.5)

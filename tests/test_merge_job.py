@@ -92,10 +92,13 @@ PARITY_CASES = ["linear", "linear_unnormalized", "task_arithmetic", "ties", "tie
 def test_deterministic_methods_equal_mergekit_yaml(case, llamas, tmp_path):
     """The same YAML through mergekit 0.1.5's merge and through our command: the same tensors, dtypes and
     values (fp32 on the CPU: relative error <= 1e-5 per tensor; in practice bit for bit)."""
+    _assert_equals_mergekit(_case(case, *llamas), tmp_path, case)
+
+
+def _assert_equals_mergekit(text, tmp_path, what):
     import mergekit_release
 
     mergekit_release.require_package()
-    text = _case(case, *llamas)
     expected = state_dict(run_mergekit(text, tmp_path / "mergekit"))
     rc, out = _ours(text, tmp_path)
     assert rc == EXIT_OK
@@ -103,7 +106,7 @@ def test_deterministic_methods_equal_mergekit_yaml(case, llamas, tmp_path):
     assert got.keys() == expected.keys()
     for name, e in expected.items():
         assert got[name].dtype == e.dtype, name
-        assert_rel_close(got[name].double(), e.double(), 1e-5, f"{case}: {name}")
+        assert_rel_close(got[name].double(), e.double(), 1e-5, f"{what}: {name}")
 
 
 # ------------------------------------------------------------------ DARE / DELLA
@@ -264,19 +267,10 @@ def tok_llamas(tmp_path_factory):
 def test_tokenizer_source_base_equals_mergekit(tok_llamas, tmp_path):
     """tokenizer_source: base (mergekit rebuilds the vocabulary and re-maps embedding rows; with one shared
     vocabulary that is the identity): the same tensors as mergekit-yaml."""
-    import mergekit_release
-
-    mergekit_release.require_package()
     base, fts = tok_llamas
     text = _yaml("ties", fts, [dict(w, density=0.5) for w in W3[:2]], base=base, dtype="float32",
                  tokenizer_source="base")
-    expected = state_dict(run_mergekit(text, tmp_path / "mergekit"))
-    rc, out = _ours(text, tmp_path)
-    assert rc == EXIT_OK
-    got = state_dict(out)
-    assert got.keys() == expected.keys()
-    for name, e in expected.items():
-        assert_rel_close(got[name].double(), e.double(), 1e-5, name)
+    _assert_equals_mergekit(text, tmp_path, "tokenizer_source base")
 
 
 def test_non_floating_buffers_are_copied_when_the_inputs_agree(tmp_path, capsys):

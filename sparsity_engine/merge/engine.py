@@ -523,6 +523,22 @@ def _settings(cfg: MergeConfig, seed: int, max_shard_bytes: int, device: torch.d
     return out
 
 
+def _versions() -> Dict[str, Any]:
+    """Versions from the installed packages' metadata (importing transformers only to ask costs seconds)."""
+    from importlib import metadata
+
+    import sparsity_engine
+
+    out = {"sparsity_engine": sparsity_engine.__version__, "python": sys.version.split()[0],
+           "torch": torch.__version__, "cuda_runtime": torch.version.cuda}
+    for dist in ("safetensors", "triton", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def _peak_rss_bytes() -> int:
     """This process's peak resident memory: VmHWM where /proc has it (ru_maxrss also counts the memory of the
     process that started this one, which Linux folds in at exec), else ru_maxrss."""
@@ -605,7 +621,7 @@ def run_merge(config: Union[str, MergeConfig], out_dir: str, *, device=None, bac
             job.remove(rel)
         timings["finalize_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
-        from ..pruning.pipeline import _versions, device_description  # the jobs' one version / device record
+        from ..pruning.pipeline import device_description
 
         report.update(settings=settings, runtime=runtime, versions=_versions(), device=device_description(dev),
                       timings=timings, files=files, peak_host_rss_bytes=_peak_rss_bytes(),
