@@ -3,7 +3,8 @@
 #   1. build the CUDA extension just in time (the whole csrc/, as a user's first call would);
 #   2. GPU tests: the contract test (every op x backend against the reference, poisoned outputs), the overflow
 #      tests, and the masks / merge / dispatch files in full (their Triton kernels compiled for the GPU: the new
-#      selection, the merge's overflow flag), then every `-m cuda` test of the other files;
+#      selection, the merge's overflow flag), then every `-m cuda` test of the other files (the merge job's
+#      included: its GPU merges run on these kernels);
 #   3. the benchmarks that show the ratios (BENCHMARKS.md rows to compare with are in the report / README of
 #      this script's output), at the sizes BENCHMARKS.md reports, cut to fit the time.
 # Every step has a time limit and the whole run a deadline (SE_DEADLINE seconds, default 470): a step that would
@@ -49,13 +50,13 @@ python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 # shellcheck disable=SC2086
 run_step "tests: contract, overflow, masks, merge, dispatch (all, on the GPU)" 150 "$R/tests_core.log" \
   python3 -m pytest -q -p no:cacheprovider $XDIST -rfE tests/test_contract.py tests/test_overflow.py \
-  tests/test_masks.py tests/test_merge.py tests/test_dispatch.py tests/test_compat_mergekit.py
+  tests/test_masks.py tests/test_merge.py tests/test_dispatch.py
 grep -E "^(FAILED|ERROR)|passed|failed|SE_TEST_SEED" "$R/tests_core.log" | tail -25
 # shellcheck disable=SC2086
 run_step "tests: -m cuda, every other file" 110 "$R/tests_cuda.log" \
   python3 -m pytest -q -p no:cacheprovider $XDIST -rfE -m cuda tests/ --ignore=tests/test_contract.py \
   --ignore=tests/test_overflow.py --ignore=tests/test_masks.py --ignore=tests/test_merge.py \
-  --ignore=tests/test_dispatch.py --ignore=tests/test_compat_mergekit.py
+  --ignore=tests/test_dispatch.py
 grep -E "^(FAILED|ERROR)|passed|failed|SE_TEST_SEED" "$R/tests_cuda.log" | tail -25
 
 bench() {  # bench NAME SECONDS ARGS...
