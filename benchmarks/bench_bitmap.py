@@ -1,13 +1,16 @@
 """Bitmap linear (x @ W^T, W pruned and stored in the bitmap format) against dense cuBLAS and CSR, one run.
 
 Grid: W [N, K] in the LLaMA-7B shapes {4096x4096, 11008x4096, 4096x11008} and 70B shapes {8192x8192,
-28672x8192, 8192x28672} x sparsity {50, 70, 90%} (``--rule`` adds 30, 40, 60, 80, 95, 98%: the points the format
-rule is read from) x tokens {1, 2, 4, 8, 16, 32, 64, 128}, bf16 (``--dtypes`` adds fp16). Per point, same inputs:
+28672x8192, 8192x28672} x sparsity {50, 70, 90%} (``--rule`` adds 30, 40, 60, 80, 95, 98% at 1, 8 and 16 tokens:
+the points the format rule is read from) x tokens {1, 2, 4, 8, 16, 32, 64, 128}, bf16 (``--dtypes`` adds fp16).
+Per point, same inputs:
 
 * dense_us  -- F.linear with the masked dense weight (cuBLAS: what a masked-dense model runs);
 * ours_us   -- the bitmap CUDA kernel itself (csrc/bitmap.cu), at every token count;
 * auto_us   -- ``bitmap_linear`` as shipped (above ops.bitmap.MAX_TOKENS tokens: dense rebuilt + F.linear);
 * csr_us    -- ``csr_linear`` with its sparse kernels (dense_fallback=False) at 1, 8 and 16 tokens;
+* v0_us, v1_us, v2_us -- each staging variant of the kernel (ops/bitmap/cuda.py: VARIANT) at 1, 8, 16 tokens;
+* rebuild_us -- the dense fallback (bitmap -> dense kernel, then F.linear) at 16 .. 128 tokens (MAX_TOKENS);
 * floor_us  -- bitmap bytes (masks + offsets + values) + activations + output at the copy bandwidth measured in
   this run; eff = floor_us / ours_us; bytes_ratio = bitmap bytes / dense bytes.
 
@@ -46,8 +49,11 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192
 QUICK_SHAPES = [(64, 256), (40, 300)]
 SPARSITIES = [0.5, 0.7, 0.9]
 RULE_SPARSITIES = [0.3, 0.4, 0.6, 0.8, 0.95, 0.98]
+RULE_BATCHES = (1, 8, 16)
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
 CSR_BATCHES = (1, 8, 16)
+VARIANT_BATCHES = (1, 8, 16)
+REBUILD_BATCHES = (16, 32, 64, 128)
 
 
 def pruned_weight(n, k, sparsity, dtype, device, gen):
@@ -61,12 +67,13 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, csr: bool = True) -> Report:
+def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, csr: bool = True,
+        rule_sparsities=()) -> Report:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
     batches = batches or ([1, 8, 16, 64] if quick else BATCHES)
     dtypes = dtypes or [torch.bfloat16]
-    sparsities = sparsities or SPARSITIES
+    sparsities = sorted(set(list(sparsities or SPARSITIES) + list(rule_sparsities)))
     bw = copy_bandwidth(device)
     report = Report("bitmap_linear", "bitmap linear vs dense cuBLAS vs CSR; floor = bitmap bytes at copy bandwidth")
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s on {report.env['device']}", flush=True)
@@ -83,7 +90,8 @@ def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, cs
                 c = se.to_csr(w) if csr else None
                 measured = 1 - bm.density
                 bytes_ratio = bm.nbytes / (n * k * w.element_size())
-                for t in batches:
+                # the rule's extra sparsities: only the token counts the rule is read at
+                for t in [b for b in batches if sp not in rule_sparsities or b in RULE_BATCHES]:
                     x = torch.randn(t, k, device=device, generator=gen).to(dtype)
                     dense_fn = lambda: F.linear(x, w)  # noqa: E731
                     if t not in dense_cache:
@@ -96,6 +104,12 @@ def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, cs
                     csr_us = None
                     if c is not None and t in CSR_BATCHES:
                         csr_us = timing(lambda: se.csr_linear(x, c, dense_fallback=False))
+                    extra = {}
+                    if kernel and t in VARIANT_BATCHES:  # every staging variant of the kernel (the same sums)
+                        for v in _variants():
+                            extra[f"v{v}_us"] = timing(lambda v=v: kernel(x, bm, v))
+                    if kernel and t in REBUILD_BATCHES:  # the dense fallback: rebuild the weight, then F.linear
+                        extra["rebuild_us"] = timing(lambda: F.linear(x, B.densify(bm)))
                     el = x.element_size()
                     floor_us = (bm.nbytes + t * k * el + t * n * el) / bw * 1e6
                     row = report.add(
@@ -103,7 +117,7 @@ def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, cs
                         batch=t, dense_us=dense_us, ours_us=ours_us, auto_us=auto_us, csr_us=csr_us,
                         floor_us=floor_us, vs_dense=dense_us / ours_us, auto_vs_dense=dense_us / auto_us,
                         csr_vs_dense=None if csr_us is None else dense_us / csr_us, eff=floor_us / ours_us,
-                        bytes_ratio=bytes_ratio, convert_s=convert_s, rel_err=rel)
+                        bytes_ratio=bytes_ratio, convert_s=convert_s, rel_err=rel, **extra)
                     print(" ".join(f"{key}={_short(v)}" for key, v in row.items()), flush=True)
                 del w, bm, c
                 if device.type == "cuda":
@@ -115,9 +129,15 @@ def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, cs
 def _kernel():
     from sparsity_engine.ops.bitmap import cuda as bcuda
 
-    def call(x, bm):
-        return bcuda.linear(x, bm.masks, bm.offsets, bm.values, None, bm.shape[0], bm.shape[1], bm.max_group)
+    def call(x, bm, variant=None):
+        return bcuda.linear(x, bm.masks, bm.offsets, bm.values, None, bm.shape[0], bm.shape[1], bm.max_group,
+                            variant=variant)
     return call
+
+
+def _variants():
+    from sparsity_engine.ops.bitmap import cuda as bcuda
+    return bcuda.VARIANTS
 
 
 def host_overhead(reps: int = 400) -> dict:
@@ -198,10 +218,9 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     batches = [int(v) for v in args.batches.split(",")] if args.batches else None
     sparsities = [float(v) for v in args.sparsities.split(",")] if args.sparsities else None
-    if args.rule:
-        sparsities = sorted(set((sparsities or SPARSITIES) + RULE_SPARSITIES))
+    rule = [sp for sp in RULE_SPARSITIES if sp not in (sparsities or SPARSITIES)] if args.rule else []
     dtypes = [getattr(torch, v) for v in args.dtypes.split(",")] if args.dtypes else None
-    report = run(args.quick, shapes, batches, dtypes, sparsities, csr=not args.no_csr)
+    report = run(args.quick, shapes, batches, dtypes, sparsities, csr=not args.no_csr, rule_sparsities=rule)
     for r in report.rows:
         r["neg_bytes"] = -r["bytes_ratio"]
     overhead = host_overhead()
@@ -209,8 +228,9 @@ def main(argv=None):
         report.env["host_overhead"] = overhead
         print("host overhead per eager call (us):", {k: round(v, 2) for k, v in overhead.items()}, flush=True)
     summarize(report)
-    report.print_table(["shape", "dtype", "sparsity", "batch", "dense_us", "ours_us", "auto_us", "csr_us",
-                        "floor_us", "vs_dense", "auto_vs_dense", "csr_vs_dense", "eff", "bytes_ratio", "rel_err"])
+    report.print_table(["shape", "dtype", "sparsity", "batch", "dense_us", "ours_us", "auto_us", "csr_us", "v0_us",
+                        "v1_us", "v2_us", "rebuild_us", "floor_us", "vs_dense", "auto_vs_dense", "csr_vs_dense", "eff",
+                        "bytes_ratio", "rel_err"])
     print("saved", *report.save(), flush=True)
 
 

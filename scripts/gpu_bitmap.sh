@@ -6,7 +6,8 @@
 #                                                   # decode ~60 s)
 # Environment: BITMAP_TESTS (pytest args, default the three test files' cuda tests; "none" skips),
 # BITMAP_BENCH (bench_bitmap.py args; "none" skips), BITMAP_DECODE (bench_decode.py args; "none" skips),
-# BITMAP_LIMITS ("tests layers decode" seconds, default "100 80 90").
+# BITMAP_LIMITS ("tests layers decode" seconds, default "100 80 90"), BITMAP_PROFILE ("SPARSITY VARIANT": one
+# kernel under Nsight Compute into $OUT/ncu.txt; unset: no profile).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -40,8 +41,18 @@ if [ "$DEC" != "none" ]; then
   timeout "$LIM_DECODE" python3 benchmarks/bench_decode.py $DEC > "$OUT/bench_decode.log" 2>&1
   echo "bench_decode exit $?"
 fi
+if [ -n "${BITMAP_PROFILE:-}" ]; then  # "SPARSITY VARIANT": stall reasons of one kernel under Nsight Compute
+  step "ncu $BITMAP_PROFILE"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  # shellcheck disable=SC2086
+  timeout 60 "$NCU" --kernel-name regex:bitmap_linear --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
+    python3 scripts/profile_bitmap.py $BITMAP_PROFILE > "$OUT/ncu.txt" 2>&1
+  echo "ncu exit $?"
+fi
 step done
+[ -n "${BITMAP_PROFILE:-}" ] && grep -E "Issue Slots Busy|Warp Cycles Per Issued|Stall|Achieved Occupancy|Memory Throughput|Compute \(SM\)|Duration|Registers" "$OUT/ncu.txt" | head -30
 [ "$BENCH" != "none" ] && grep -E "^(Targets|  batch|  weight|host overhead)" "$OUT/bench_bitmap.log"
-[ "$BENCH" != "none" ] && grep -E "^\| [0-9]+x[0-9]+ .*\| 1 +\|" "$OUT/bench_bitmap.log" | cut -c1-150
+[ "$BENCH" != "none" ] && [ -f "$OUT/bitmap_linear.json" ] && python3 scripts/bitmap_summary.py "$OUT/bitmap_linear.json"
 [ "$DEC" != "none" ] && grep -E "^\| (dense|auto|csr|bitmap)" "$OUT/bench_decode.log" | cut -c1-200
 exit 0

@@ -241,21 +241,30 @@ def _cuda_ok():
     return HAS_CUDA and not backend_reasons("cuda")
 
 
-def _check_kernel(w, x, bias, what):
+def _check_kernel(w, x, bias, what, bm=None):
+    """Every staging variant of the kernel against fp64 and against the masked dense F.linear (cuBLAS)."""
     from sparsity_engine.ops.bitmap import cuda as bcuda
 
-    bm = B.to_bitmap(w)
-    out = poison_like(torch.empty(x.shape[0], w.shape[0], dtype=w.dtype, device=w.device))
-    y = bcuda.linear(x, bm.masks, bm.offsets, bm.values, bias, w.shape[0], w.shape[1], bm.max_group, out=out)
+    bm = bm if bm is not None else B.to_bitmap(w)
     ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     dense = F.linear(x, w, bias)  # the masked dense model (cuBLAS)
-    assert torch.isfinite(y).all(), f"{what}: unwritten or non-finite outputs"
-    if ref.norm() == 0:
-        assert torch.equal(y, torch.zeros_like(y)), f"{what}: nonzero output for an all-zero product"
-        return
-    err, dense_err = rel_err(y, ref), rel_err(dense, ref)
-    # fp32 accumulation in both; only the order of the sums and the final rounding differ
-    assert err <= max(2 * dense_err, 1e-3) and err <= RTOL[w.dtype], f"{what}: rel err {err:.2e} (dense {dense_err:.2e})"
+    first = None
+    for variant in bcuda.VARIANTS:
+        out = poison_like(torch.empty(x.shape[0], w.shape[0], dtype=w.dtype, device=w.device))
+        y = bcuda.linear(x, bm.masks, bm.offsets, bm.values, bias, w.shape[0], w.shape[1], bm.max_group, out=out,
+                         variant=variant)
+        assert torch.isfinite(y).all(), f"{what} variant {variant}: unwritten or non-finite outputs"
+        if first is None:
+            first = y
+        else:  # the variants only stage differently: same sums in the same order
+            assert torch.equal(y, first), f"{what}: variant {variant} differs from variant 0"
+        if ref.norm() == 0:
+            assert torch.equal(y, torch.zeros_like(y)), f"{what}: nonzero output for an all-zero product"
+            continue
+        err, dense_err = rel_err(y, ref), rel_err(dense, ref)
+        # fp32 accumulation in both; only the order of the sums and the final rounding differ
+        assert err <= max(2 * dense_err, 1e-3) and err <= RTOL[w.dtype], \
+            f"{what} variant {variant}: rel err {err:.2e} (dense {dense_err:.2e})"
 
 
 @pytest.mark.cuda
@@ -268,10 +277,11 @@ def test_cuda_kernel_matches_reference(dtype, shape):
     n, k = shape
     for sparsity in (0.0, 0.5, 0.7, 0.9, 1.0):
         w = pruned(n, k, sparsity, dtype, "cuda", gen)
+        bm = B.to_bitmap(w)
         for tokens in (1, 2, 7, 8, 9, 16, 17, 31, 32, 33, 64):
             x = torch.randn(tokens, k, device="cuda", generator=gen).to(dtype)
             bias = torch.randn(n, device="cuda", generator=gen).to(dtype) if tokens % 2 else None
-            _check_kernel(w, x, bias, f"{shape} {dtype} sparsity {sparsity} tokens {tokens}")
+            _check_kernel(w, x, bias, f"{shape} {dtype} sparsity {sparsity} tokens {tokens}", bm)
 
 
 @pytest.mark.cuda

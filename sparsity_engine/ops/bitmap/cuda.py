@@ -27,12 +27,21 @@ def bitmap_linear(x2: torch.Tensor, bm: BitmapMatrix, bias: Optional[torch.Tenso
     return linear(x2, bm.masks, bm.offsets, bm.values, bias, bm.shape[0], bm.shape[1], bm.max_group)
 
 
+#: How the kernel stages a group of 8 tiles in shared memory: 0 = cp.async, 16 bytes a lane, 3 stages; 1 = the
+#: bulk-copy engine (cp.async.bulk on an mbarrier), 3 stages; 2 = bulk copies, 2 stages, 4 blocks per SM at 1..8
+#: tokens. All three compute the same sums in the same order; the default is the fastest measured
+#: (benchmarks/bench_bitmap.py, "variants"; BENCHMARKS.md).
+VARIANT = 2
+VARIANTS = (0, 1, 2)
+
+
 def linear(x2: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
            bias: Optional[torch.Tensor], n: int, k: int, max_group: int,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           out: Optional[torch.Tensor] = None, variant: Optional[int] = None) -> torch.Tensor:
     """y [T, n] = x2 [T, k] @ W^T (+ bias) for any T >= 1; x2 contiguous in the weight's dtype and device.
 
     ``out`` (optional, [T, n], contiguous, x2's dtype): written in full (tests poison it first).
+    ``variant``: see :data:`VARIANT` (default).
     """
     ext = load_extension()
     tokens = x2.shape[0]
@@ -41,7 +50,7 @@ def linear(x2: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values:
     vec = k % 8 == 0 and ptr % 16 == 0
     ext.bitmap_linear(masks.data_ptr(), offsets.data_ptr(), values.data_ptr(), ptr,
                       0 if bias is None else bias.data_ptr(), y.data_ptr(), n, k, tokens, max_group,
-                      dtype_code(x2.dtype), int(vec), stream_ptr(x2))
+                      dtype_code(x2.dtype), int(vec), VARIANT if variant is None else variant, stream_ptr(x2))
     return y
 
 
@@ -59,9 +68,9 @@ def dense_from_arrays(masks: torch.Tensor, offsets: torch.Tensor, values: torch.
     return w
 
 
-def smem_bytes(tokens: int, max_group: int) -> int:
+def smem_bytes(tokens: int, max_group: int, variant: Optional[int] = None) -> int:
     """Shared memory per block the linear kernel uses (its occupancy depends on it)."""
-    return int(load_extension().bitmap_smem_bytes(tokens, max_group))
+    return int(load_extension().bitmap_smem_bytes(tokens, max_group, VARIANT if variant is None else variant))
 
 
-__all__ = ["bitmap_linear", "linear", "to_dense", "dense_from_arrays", "smem_bytes"]
+__all__ = ["bitmap_linear", "linear", "to_dense", "dense_from_arrays", "smem_bytes", "VARIANT", "VARIANTS"]
