@@ -45,7 +45,7 @@ if [ -n "${BITMAP_PROFILE:-}" ]; then  # "SPARSITY VARIANT": stall reasons of on
   step "ncu $BITMAP_PROFILE"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   # shellcheck disable=SC2086
-  timeout 60 "$NCU" --kernel-name regex:bitmap_linear --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+  timeout "${BITMAP_NCU_LIMIT:-60}" "$NCU" --kernel-name regex:bitmap_linear --launch-skip 3 --launch-count 1 --section SpeedOfLight \
     --section WarpStateStats --section SchedulerStats --section Occupancy --section MemoryWorkloadAnalysis \
     python3 scripts/profile_bitmap.py $BITMAP_PROFILE > "$OUT/ncu.txt" 2>&1
   echo "ncu exit $?"
