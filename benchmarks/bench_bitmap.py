@@ -9,7 +9,8 @@ Per point, same inputs:
 * ours_us   -- the bitmap CUDA kernel itself (csrc/bitmap.cu), at every token count;
 * auto_us   -- ``bitmap_linear`` as shipped (above ops.bitmap.MAX_TOKENS tokens: dense rebuilt + F.linear);
 * csr_us    -- ``csr_linear`` with its sparse kernels (dense_fallback=False) at 1, 8 and 16 tokens;
-* v0_us, v1_us, v2_us -- each staging variant of the kernel (ops/bitmap/cuda.py: VARIANT) at 1, 8, 16 tokens;
+* v0_us, v1_us, v2_us -- each staging variant of the kernel (ops/bitmap/cuda.py: VARIANT) at 1, 8, 16 tokens
+  (the default one only, unless SE_BITMAP_BULK=1);
 * rebuild_us -- the dense fallback (bitmap -> dense kernel, then F.linear) at 16 .. 128 tokens (MAX_TOKENS);
 * floor_us  -- bitmap bytes (masks + offsets + values) + activations + output at the copy bandwidth measured in
   this run; eff = floor_us / ours_us; bytes_ratio = bitmap bytes / dense bytes.
@@ -68,14 +69,14 @@ def _rel(a, b):
 
 
 def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, csr: bool = True,
-        rule_sparsities=()) -> Report:
+        rule_sparsities=(), name: str = "bitmap_linear") -> Report:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
     batches = batches or ([1, 8, 16, 64] if quick else BATCHES)
     dtypes = dtypes or [torch.bfloat16]
     sparsities = sorted(set(list(sparsities or SPARSITIES) + list(rule_sparsities)))
     bw = copy_bandwidth(device)
-    report = Report("bitmap_linear", "bitmap linear vs dense cuBLAS vs CSR; floor = bitmap bytes at copy bandwidth")
+    report = Report(name, "bitmap linear vs dense cuBLAS vs CSR; floor = bitmap bytes at copy bandwidth")
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s on {report.env['device']}", flush=True)
     gen = torch.Generator(device=device).manual_seed(0)
     kernel = _kernel() if device.type == "cuda" else None
@@ -136,8 +137,9 @@ def _kernel():
 
 
 def _variants():
+    """Every staging variant with SE_BITMAP_BULK=1, else the default one (ops/bitmap/cuda.py: VARIANT)."""
     from sparsity_engine.ops.bitmap import cuda as bcuda
-    return bcuda.VARIANTS
+    return bcuda.VARIANTS if os.environ.get("SE_BITMAP_BULK") == "1" else (bcuda.VARIANT,)
 
 
 def host_overhead(reps: int = 400) -> dict:
@@ -214,16 +216,18 @@ def main(argv=None):
     parser.add_argument("--batches", help="comma-separated token counts")
     parser.add_argument("--sparsities", help="comma-separated fractions")
     parser.add_argument("--dtypes", help="comma-separated: bfloat16, float16")
+    parser.add_argument("--name", default="bitmap_linear", help="report name (results/<name>.json)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     batches = [int(v) for v in args.batches.split(",")] if args.batches else None
     sparsities = [float(v) for v in args.sparsities.split(",")] if args.sparsities else None
     rule = [sp for sp in RULE_SPARSITIES if sp not in (sparsities or SPARSITIES)] if args.rule else []
     dtypes = [getattr(torch, v) for v in args.dtypes.split(",")] if args.dtypes else None
-    report = run(args.quick, shapes, batches, dtypes, sparsities, csr=not args.no_csr, rule_sparsities=rule)
+    report = run(args.quick, shapes, batches, dtypes, sparsities, csr=not args.no_csr, rule_sparsities=rule,
+                 name=args.name)
     for r in report.rows:
         r["neg_bytes"] = -r["bytes_ratio"]
-    overhead = host_overhead()
+    overhead = host_overhead() if args.name == "bitmap_linear" else {}
     if overhead:
         report.env["host_overhead"] = overhead
         print("host overhead per eager call (us):", {k: round(v, 2) for k, v in overhead.items()}, flush=True)

@@ -29,19 +29,23 @@ import_backend(__name__, "cuda")
 __all__ = ["BitmapMatrix", "to_bitmap", "bitmap_linear", "densify", "choose_format", "linear_arrays",
            "FORMAT_RULE", "MAX_TOKENS", "OP"]
 
-#: The dispatch rule: when does the bitmap kernel run, and when dense cuBLAS on a weight rebuilt for the call? Measured on one
-#: H100 (benchmarks/bench_bitmap.py; the table is in BENCHMARKS.md, "Bitmap linear"): the kernel decodes every
-#: 16 x 16 tile once per 32 tokens, so its time grows with the tokens while a dense matmul's hardly does; up to
-#: MAX_TOKENS tokens it is faster than rebuilding the dense weight (one kernel) plus F.linear.
-MAX_TOKENS = 64
+#: The dispatch rule: when does the bitmap kernel run, and when dense cuBLAS on a weight rebuilt for the call?
+#: The kernel decodes every 16 x 16 tile once per 32 tokens, so its time grows with the tokens while a dense
+#: matmul's hardly does: measured (benchmarks/bench_bitmap.py, ours_us; BENCHMARKS.md, "Bitmap linear") it falls
+#: far below dense cuBLAS at 64 tokens, where rebuilding the dense weight (one pass writing it) plus F.linear is
+#: the cheaper path; up to 32 tokens (one pass of the kernel) the kernel is kept. bench_bitmap.py's rebuild_us
+#: column is the comparison this bound is checked against.
+MAX_TOKENS = 32
 
-#: Which format a pruned fp16/bf16 layer is stored in, by its sparsity (fraction of exact zeros): the lowest
-#: sparsity from which each sparse format beats dense cuBLAS at batch 1 (decode), measured on one H100
-#: (benchmarks/bench_bitmap.py, 4096x4096 .. 28672x8192; BENCHMARKS.md, "Bitmap linear"). From
-#: ``bitmap`` on, the bitmap kernel; from ``csr`` on (where the CSR rows kernel's bytes, 4 per nonzero, and its
-#: per-nonzero work undercut the bitmap's fixed 1/8 byte and decode work per weight), CSR; below ``bitmap``,
-#: the layer stays dense. fp32 layers have no bitmap kernel: they take CSR as before.
-FORMAT_RULE: Dict[str, float] = {"bitmap": 0.4, "csr": 0.97}
+#: Which format a pruned fp16/bf16 layer is stored in, by its sparsity (fraction of exact zeros), for decode
+#: (batch 1), from benchmarks/bench_bitmap.py at the LLaMA-7B and 70B shapes (dense_us, ours_us, csr_us at batch
+#: 1; BENCHMARKS.md, "Bitmap linear"): below ``bitmap`` dense cuBLAS is at least as fast as both sparse kernels
+#: (the layer stays nn.Linear); from ``bitmap`` the bitmap kernel is about as fast as dense with 0.57x its bytes
+#: and faster than CSR; from ``csr`` on, the CSR rows kernel (4 bytes per nonzero, work per nonzero) is faster at
+#: batch 1 than the bitmap kernel, whose decode work per weight is fixed (1/8 byte and a bit test per weight). At
+#: 8-16 tokens the bitmap kernel stays faster than CSR's rows kernel there: ``sparsify_linears_(format='bitmap')``
+#: for small-batch serving. fp32 layers have no bitmap kernel: they take CSR as before.
+FORMAT_RULE: Dict[str, float] = {"bitmap": 0.5, "csr": 0.6}
 
 
 def choose_format(dtype: torch.dtype, sparsity: float) -> str:
