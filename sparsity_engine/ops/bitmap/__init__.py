@@ -106,27 +106,32 @@ def bitmap_linear(x: torch.Tensor, bm: BitmapMatrix, bias: Optional[torch.Tensor
     """
     _check_linear_args(x, bm, bias)
     n, k = bm.shape
+
+    def compute(x2: torch.Tensor) -> torch.Tensor:
+        key = (resolve_backend(backend), x2.device.type, x2.dtype, bias is not None)
+        impl = _PLANS.get(key)
+        if impl is None:
+            impl = _PLANS[key] = choose("bitmap_linear", backend, x2, bm, bias)
+        if resolve_backend(backend) is None and impl.backend == "cuda" and x2.shape[0] > MAX_TOKENS:
+            return F.linear(x2, densify(bm), bias)
+        return impl.fn(x2, bm, bias)
+
+    return _apply(x, n, k, bias, compute)
+
+
+def _apply(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], compute) -> torch.Tensor:
+    """x [..., k] -> ``compute(x2)`` on x2 [T, k] (contiguous, T >= 1) -> [..., n]; zeros (+ bias) when empty."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    tokens = x2.shape[0]
-    if tokens == 0 or n == 0 or k == 0:
-        return _empty_product(x2, n, bias).reshape(*lead, n)
-    key = (resolve_backend(backend), x2.device.type, x2.dtype, bias is not None)
-    impl = _PLANS.get(key)
-    if impl is None:
-        impl = _PLANS[key] = choose("bitmap_linear", backend, x2, bm, bias)
-    if resolve_backend(backend) is None and impl.backend == "cuda" and tokens > MAX_TOKENS:
-        return F.linear(x2, densify(bm), bias).reshape(*lead, n)
-    return impl.fn(x2, bm, bias).reshape(*lead, n)
-
-
-def _empty_product(x2: torch.Tensor, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    out = torch.zeros(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
-    if bias is not None:
-        out += bias
-    return out
+    if x2.shape[0] == 0 or n == 0 or k == 0:
+        y = torch.zeros(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
+        if bias is not None:
+            y += bias
+    else:
+        y = compute(x2)
+    return y.reshape(*lead, n)
 
 
 # ---------------------------------------------------------------------------------------------- the torch op
@@ -134,23 +139,16 @@ def linear_arrays(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, v
                   bias: Optional[torch.Tensor], n: int, k: int, max_group: int) -> torch.Tensor:
     """What the op computes, on the format's arrays (validated when they were built; x checked by the caller):
     CUDA -> the kernel (dense F.linear on a rebuilt weight above MAX_TOKENS tokens), CPU -> the reference."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    tokens = x2.shape[0]
-    if tokens == 0 or n == 0 or k == 0:
-        return _empty_product(x2, n, bias).reshape(*lead, n)
-    if x2.is_cuda:
+    def compute(x2: torch.Tensor) -> torch.Tensor:
+        if not x2.is_cuda:
+            nnz = int(offsets[-1])
+            return F.linear(x2, BitmapMatrix(masks, offsets, values, (n, k), nnz, max_group).to_dense(), bias)
         cuda = _cuda_module()
-        if tokens > MAX_TOKENS:
-            y = F.linear(x2, cuda.dense_from_arrays(masks, offsets, values, n, k), bias)
-        else:
-            y = cuda.linear(x2, masks, offsets, values, bias, n, k, max_group)
-    else:
-        nnz = int(offsets[-1])
-        y = F.linear(x2, BitmapMatrix(masks, offsets, values, (n, k), nnz, max_group).to_dense(), bias)
-    return y.reshape(*lead, n)
+        if x2.shape[0] > MAX_TOKENS:
+            return F.linear(x2, cuda.dense_from_arrays(masks, offsets, values, n, k), bias)
+        return cuda.linear(x2, masks, offsets, values, bias, n, k, max_group)
+
+    return _apply(x, n, k, bias, compute)
 
 
 _CUDA = []
