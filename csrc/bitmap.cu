@@ -284,11 +284,7 @@ bitmap_linear_kernel(const uint32_t* __restrict__ masks, const int32_t* __restri
   const int vbytes = stage_bytes - kHeadBytes;
   unsigned char* ring = smem + static_cast<size_t>(warp) * kStages * stage_bytes;
 
-  float acc[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+  float acc[NT][4] = {};
 
   if (ww.ga < ww.gb) {
     GroupStarts starts{offsets, ww.band * ktiles, ktiles / kGroupTiles};
@@ -380,11 +376,7 @@ bitmap_linear_bulk_kernel(const uint32_t* __restrict__ masks, const int32_t* __r
   unsigned char* ring = smem + kBarBytes + static_cast<size_t>(warp) * STAGES * stage_bytes;
   const uint32_t bar0 = smem_addr(smem) + warp * STAGES * 8;
 
-  float acc[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+  float acc[NT][4] = {};
 
   if (ww.ga < ww.gb) {
     if (lane == 0) {
