@@ -368,7 +368,7 @@ bitmap_linear_bulk_kernel(const uint32_t* __restrict__ masks, const int32_t* __r
                           const uint16_t* __restrict__ values, const T* __restrict__ x, const T* __restrict__ bias,
                           T* __restrict__ y, int64_t N, int64_t K, int64_t tokens, int64_t nbands, int64_t ktiles,
                           int ksplit, int stage_bytes) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];  // bulk copies need 16-byte alignment
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const WarpWork ww = warp_work(nbands, ktiles, ksplit);
   const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * 8 * NT;
