@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(t)
     t.add_argument("--overwrite", action="store_true")
 
+    from .merge.cli import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
+
     i = sub.add_parser("info", help="versions, GPU, and which backends run here (and why not)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -300,6 +304,12 @@ def _cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def _cmd_merge(args) -> int:
+    from .merge.cli import run
+
+    return run(args)
+
+
 def _cmd_bench_decode(args) -> int:
     from .nn.decode import bench_decode
 
@@ -307,8 +317,8 @@ def _cmd_bench_decode(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"prune": _cmd_prune, "prune-task-vectors": _cmd_task_vectors, "info": _cmd_info, "demo": _cmd_demo,
-             "bench-decode": _cmd_bench_decode}
+_COMMANDS = {"prune": _cmd_prune, "prune-task-vectors": _cmd_task_vectors, "merge": _cmd_merge, "info": _cmd_info,
+             "demo": _cmd_demo, "bench-decode": _cmd_bench_decode}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
