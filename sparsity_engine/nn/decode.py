@@ -328,11 +328,11 @@ def bench_decode(model_dir: Optional[str] = None, sparsities: Optional[Sequence[
                  device: str = "cuda", log=print) -> list:
     """The decode comparison: a model folder (``sparsities=None``: as pruned there) or a random LLaMA-7B-shaped
     model (``layers`` overrides the depth, for a quicker run) magnitude-pruned to each sparsity."""
+    if model_dir is not None and not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench-decode times CUDA graphs: it needs a CUDA GPU, and none is visible to torch")
     if model_dir is not None:
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
         model = load_folder(model_dir, device)
     else:
         cfg = llama7b_config()
