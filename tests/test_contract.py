@@ -210,6 +210,25 @@ def _penalty(name, *extra):
     return case
 
 
+
+def _to_bitmap():
+    W = _rand(40, 150, dtype=torch.bfloat16)   # N, K not multiples of the 16x16 tile
+    W[torch.rand(40, 150, device=DEV) < 0.6] = 0
+
+    def compare(got, expected):
+        assert torch.equal(got.to_dense(), expected.to_dense())
+        assert torch.equal(got.masks, expected.masks) and torch.equal(got.offsets, expected.offsets)
+    return (W,), {}, compare
+
+
+def _bitmap_linear():
+    from sparsity_engine.ops.bitmap import to_bitmap
+
+    W = _rand(40, 150, dtype=torch.float16)
+    W[torch.rand(40, 150, device=DEV) < 0.7] = 0
+    bm = to_bitmap(W, backend="reference")
+    return (_rand(5, 150, dtype=torch.float16), bm, _rand(40, dtype=torch.float16)), {}, _close(RTOL[torch.float16])
+
 CASES = {
     "nm_mask": _nm_mask,
     "topk_mask": _topk_mask,
@@ -226,6 +245,8 @@ CASES = {
     "sparsegpt_prune": _sparsegpt_prune,
     "csr_linear": _csr_linear,
     "to_csr": _to_csr,
+    "to_bitmap": _to_bitmap,
+    "bitmap_linear": _bitmap_linear,
     "csr_to_dense": _csr_to_dense,
     "importance_scores": _importance_scores,
     "smooth_l0_penalty": _penalty("smooth_l0_penalty", 0.5),
