@@ -128,13 +128,16 @@ def check_nm(n, m, length: int, *, n_name: str = "n", m_name: str = "m", dim_nam
     return n, m
 
 
-def check_generator(name: str, generator, device: torch.device) -> None:
+def check_generator(name: str, generator, device: torch.device, *, host_ok: bool = False) -> None:
+    """A torch.Generator on the tensor's device type (or, with ``host_ok``, on the CPU: for ops that draw only
+    a seed from it on the host), or None."""
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != torch.device(device).type:
-        raise ValueError(f"{name} is on {generator.device} but the tensor is on {device}")
+    if generator.device.type != torch.device(device).type and not (host_ok and generator.device.type == "cpu"):
+        raise ValueError(f"{name} is on {generator.device} but the tensor is on {device}"
+                         + (" (a CPU generator is accepted too)" if host_ok else ""))
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsity_engine.compat import mergekit as mk
-from helpers import KERNEL_DEVICE
+from helpers import KERNEL_BACKENDS, KERNEL_DEVICE
 
 
 def _distinct(shape, dtype=torch.float32, device="cpu"):
@@ -90,6 +90,56 @@ def test_float64_ranked_by_float32_magnitudes(method):
     assert torch.equal(got != 0, ref != 0) and torch.equal(got[got != 0], t[got != 0])
     d = torch.randn(3, 5, 4, dtype=torch.float64)
     assert torch.equal(mk.get_mask(d), torch.sign(d) == torch.where(d.sum(0) >= 0, 1.0, -1.0).double())
+
+
+def test_float64_equal_in_float32_are_ordered_by_index():
+    """float64 magnitudes that one float32 holds are ties for mergekit (it ranks float32 magnitudes on the CPU):
+    the lower index goes first (magnitude), the later one counts as larger (magnitude_outliers), not the larger
+    float64 value."""
+    t = (1.0 + torch.randperm(40, dtype=torch.float64) * 1e-12) * torch.where(torch.rand(40) < 0.5, -1.0, 1.0).double()
+    assert len(set(t.abs().float().tolist())) == 1
+    got = mk.sparsify(t, 0.25, "magnitude")
+    assert torch.equal(got != 0, torch.arange(40) < 10)
+    got = mk.sparsify(t, 0.25, "magnitude_outliers", gamma=0.1)  # drops the 4 "largest" (the last 4), keeps 10
+    assert torch.equal(got != 0, (torch.arange(40) >= 26) & (torch.arange(40) < 36))
+
+
+@pytest.mark.cuda
+def test_float64_on_a_gpu_ranked_by_float64_magnitudes():
+    """On a GPU mergekit keeps float64 magnitudes as they are (its float32 cast is for CPU tensors only)."""
+    t = (1.0 + torch.randperm(40, dtype=torch.float64) * 1e-12).cuda()
+    top = torch.argsort(t, descending=True)
+    got = mk.sparsify(t, 0.25, "magnitude")
+    assert torch.equal((got != 0).nonzero().flatten().sort().values, top[:10].sort().values)
+    got = mk.sparsify(t, 0.25, "magnitude_outliers", gamma=0.1)
+    assert torch.equal((got != 0).nonzero().flatten().sort().values, top[4:14].sort().values)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="mergekit 0.1.5 needs Python >= 3.10")
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_ops_and_compat_equal_mergekit_015_sparsify(backend):
+    """mergekit 0.1.5's own magnitude and magnitude_outliers (the installed release) against ours, over sizes,
+    densities down to 'keep one' and 0, gamma 0 and large: the compat functions and the ops on every backend
+    (ops.masks.magnitude_prune, ops.merge.magnitude_outliers) keep the same entries. Distinct magnitudes: the
+    release sorts with torch's default (unstable) sort, whose order of equal magnitudes is torch's to choose."""
+    import mergekit_release
+
+    mergekit_release.require_package()
+    import mergekit.sparsify as released
+    from sparsity_engine.ops.masks import magnitude_prune
+    from sparsity_engine.ops.merge import magnitude_outliers
+
+    for n in (1, 7, 301):
+        t = _distinct((n,), device=KERNEL_DEVICE)
+        for density in (0.0, 0.001, 1.0 / n, 0.5, 0.99):
+            expected = released.magnitude(t.cpu(), density)
+            assert torch.equal(mk.magnitude(t.cpu(), density), expected), (n, density)
+            assert torch.equal(magnitude_prune(t, density, backend=backend).cpu(), expected), (n, density)
+            for gamma in (0.0, 0.05, 0.9):
+                expected = released.magnitude_outliers(t.cpu(), density, gamma=gamma)
+                assert torch.equal(mk.magnitude_outliers(t.cpu(), density, gamma=gamma), expected), (n, density, gamma)
+                got = magnitude_outliers(t, density, gamma, backend=backend).cpu()
+                assert torch.equal(got, expected), (n, density, gamma)
 
 
 def test_density_one_returns_input():

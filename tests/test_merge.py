@@ -122,8 +122,8 @@ def _derived_merge(base, tensors, weights, method, density, gamma, lam, normaliz
     for t, dens, gam in zip(tensors, density, gamma):
         d = t.to(dt) - base
         if sparsification is not None and dens < 1:
-            if sparsification == "magnitude":
-                keep = _keep_positions(d, 0, int(dens * n))
+            if sparsification == "magnitude":  # mergekit 0.1.5: a positive density keeps at least one entry
+                keep = _keep_positions(d, 0, max(1, int(dens * n)) if dens > 0 else 0)
             else:  # outliers: the top int(gamma n) go, then the bottom, so int(density n) stay
                 top = min(int(gam * n), n - int(dens * n))
                 keep = _keep_positions(d, top, top + int(dens * n), later_first=True)
@@ -163,6 +163,23 @@ def test_reference_equals_mergekit_formula(dtype, method, normalize, rescale, la
                                 normalize=normalize, rescale=rescale, backend="reference")
     expected = _derived_merge(base, ts, weights, method, density, gamma, lam, normalize, rescale)
     assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_small_densities_count_as_mergekit_015(backend, dtype, method):
+    """ties keeps max(1, int(density n)) of each delta (one entry at a tiny positive density, none at 0);
+    breadcrumbs keeps int(density n) (its count has no floor in 0.1.5): the op itself, on every backend."""
+    base, ts = _models((9, 13), 4, dtype, KERNEL_DEVICE)
+    density, gamma = [0.001, 0.0, 1.5 / 117, 0.5], [0.02, 0.0, 0.05, 0.01]
+    weights = [0.3, 0.6, 1.1, -0.5]
+    got = se.merge_task_vectors(base, ts, weights, method=method, density=density, gamma=gamma, backend=backend)
+    expected = _derived_merge(base.cpu(), [t.cpu() for t in ts], weights, method, density, gamma, 1.0, None, None)
+    assert got.dtype == dtype and torch.equal(got.cpu(), expected)
+    if method == "ties":  # model 0 alone, kept at one entry
+        one = se.merge_task_vectors(base, ts[:1], [1.0], method=method, density=0.001, backend=backend)
+        assert int((one != base).sum()) == 1
 
 
 def test_scalar_and_list_parameters_agree():
@@ -385,13 +402,13 @@ DELLA_CASES = [  # shape, densities, dtype (odd rows: Philox groups of four stra
 ]
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape,densities,dtype", DELLA_CASES)
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_della_merge_matches_its_draw_exactly(backend, shape, densities, dtype, method):
-    """Without a rescale the kernels' DELLA merge is exactly the reference's probabilities, the documented
-    Philox uniforms and the reference combination (every backend, every dtype, a model with density 0 and
-    one with density 1)."""
+    """Without a rescale the DELLA merge is exactly the reference's probabilities, the documented Philox
+    uniforms and the reference combination (every backend, the reference's own included; every dtype, a model
+    with density 0 and one with density 1)."""
     base, ts = _models(shape, len(densities), dtype, KERNEL_DEVICE)
     w = [1.0, 0.7, -0.4, 0.9, 0.5][:len(densities)]
     spec = METHODS[method]
@@ -414,6 +431,71 @@ def test_della_merge_rescaled_matches_its_draw(backend, rescale):
                                rescale, "sum", True)
     assert_rel_close((got - base).float(), (expected - base).float(), 1e-2, rescale)
     assert ((got != base) == (expected != base)).float().mean() > 0.999
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+RANDOM_CASES = [  # shape, densities, dtype: odd sizes, a density-0 and a density-1 model, six models (two seeds)
+    ((7, 13), [0.5, 0.3], torch.float32),
+    ((301,), [0.2, 0.0, 0.7, 1.0, 0.5], torch.float16),
+    ((3, 5, 7), [0.4], torch.bfloat16),
+    ((33, 65), [0.3, 0.5, 0.7, 0.2, 0.9, 0.4], torch.float32),
+    ((2, 129), [0.6, 0.25, 0.1], torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("method", RANDOM)
+@pytest.mark.parametrize("shape,densities,dtype", RANDOM_CASES)
+def test_random_merges_reference_equals_triton(method, shape, densities, dtype):
+    """The same generator state, the same merge on the reference and the Triton backends: bit for bit without
+    a rescale or with the linf one (a max: no summation order), over shapes, densities, dtypes and seeds. With
+    the l1 / l2 rescale the kept entries are the same and the values differ at most by the factor's rounding
+    (its norms are summed in another order)."""
+    base, ts = _models(shape, len(densities), dtype, KERNEL_DEVICE)
+    w = [1.0, 0.7, -0.4, 0.9, 0.5, 1.2][:len(densities)]
+    for seed, rescale in ((0, False), (2**33 + 1, "linf"), (77, True), (5, "l2")):
+        out = [se.merge_task_vectors(base, ts, w, method=method, density=densities, epsilon=0.1, rescale=rescale,
+                                     generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(seed), backend=b)
+               for b in ("reference", "triton")]
+        if rescale in (False, "linf"):
+            assert torch.equal(_bits(out[0]), _bits(out[1])), (seed, rescale)
+        else:
+            assert torch.equal(out[0] != base, out[1] != base), (seed, rescale)
+            assert_rel_close((out[1] - base).float(), (out[0] - base).float(), RTOL[dtype], f"{method} {rescale}")
+
+
+def test_reference_merges_more_models_than_the_kernels():
+    """The reference merges any number of models (the fused kernel takes 8): DARE's draw takes one seed per four
+    models (models 8-9 the third), each model keeps its own fraction, and a generator state reproduces the merge."""
+    from sparsity_engine.ops.merge import reference as ref
+    base, ts = _models((40, 50), 10, torch.float32)
+    dens = [0.1 * (i % 9 + 1) for i in range(10)]
+    keeps = ref.dare_keeps(base.numel(), [3, 4, 5], dens, "cpu")
+    for keep, d in zip(keeps, dens):
+        assert abs(keep.float().mean().item() - d) < 6 * (d * (1 - d) / base.numel()) ** 0.5 + 1e-3
+    other = ref.dare_keeps(base.numel(), [3, 4, 6], dens, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(keeps[:8], other[:8])) and not torch.equal(keeps[8], other[8])
+    merge = lambda: se.merge_task_vectors(base, ts, [0.5] * 10, method="dare_linear", density=dens,  # noqa: E731
+                                          backend="reference", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(merge(), merge())
+
+
+def test_reference_dare_keeps_are_the_kernels_stored_bits():
+    """reference.dare_keeps (the reference's DARE draw of a merge) equals the keep bits the fused kernel's norms
+    pass stores, model by model, for six models (the second seed serves models 4 and 5)."""
+    from sparsity_engine.ops.merge import reference as ref
+    from sparsity_engine.ops.merge import triton as mt
+
+    dens = [0.3, 0.5, 0.7, 0.2, 0.9, 0.4]
+    base, ts = _models((37, 301), 6, torch.bfloat16, KERNEL_DEVICE)
+    plan = mt._Plan(base, ts, [1.0] * 6, dens=dens)
+    plan.seeds = torch.tensor([5, 2**31 - 2], dtype=torch.int32, device=base.device)
+    plan.rescale(mt.SPARS_RANDOM, "l1", [True] * 6)
+    keeps = ref.dare_keeps(base.numel(), [5, 2**31 - 2], dens, base.device)
+    for i, keep in enumerate(keeps):
+        assert torch.equal(((plan.bits >> i) & 1).bool(), keep), i
 
 
 # ---------------------------------------------------------------- bad input
@@ -545,6 +627,29 @@ def test_cuda_della_merge_unaligned_views_and_bad_input():
     t = [torch.full_like(b, 60000.0)]
     with pytest.raises(ValueError, match=r"tensors\[0\] - base overflows float16"):
         se.merge_task_vectors(b, t, [1.0], backend="cuda", **kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", RANDOM)
+@pytest.mark.parametrize("shape", [(2048, 2048), (3, 5, 7), (129, 4099)])
+def test_random_merges_agree_on_every_backend_and_device(dtype, method, shape):
+    """One CPU generator state, the same merged bytes on the reference, Triton and CUDA backends on the GPU and
+    the reference on the CPU (rescale off and linf; the l1 default: the same kept entries, values within the
+    factor's rounding, since its norms are summed in another order by each)."""
+    base, ts = _models(shape, 3, dtype, "cuda", scale=0.01)
+    w, dens = [1.0, 0.8, -0.6], [0.3, 0.5, 0.9]
+    for rescale in (False, "linf", True):
+        run = lambda b, dev: se.merge_task_vectors(  # noqa: E731
+            base.to(dev), [t.to(dev) for t in ts], w, method=method, density=dens, epsilon=0.1, rescale=rescale,
+            generator=torch.Generator().manual_seed(13), backend=b).cpu()
+        outs = {"cpu": run("reference", "cpu"), **{b: run(b, "cuda") for b in ("reference", "triton", "cuda")}}
+        for b, out in outs.items():
+            if rescale is True:
+                assert torch.equal(out != base.cpu(), outs["cpu"] != base.cpu()), b
+                assert_rel_close((out - base.cpu()).float(), (outs["cpu"] - base.cpu()).float(), RTOL[dtype], b)
+            else:
+                assert torch.equal(_bits(out), _bits(outs["cpu"])), (b, rescale)
 
 
 @pytest.mark.cuda

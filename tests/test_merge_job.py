@@ -78,13 +78,16 @@ def _case(name, base, fts):
         "model_stock_filter_wise": lambda: _yaml("model_stock", [a, c, d], base=b, parameters={"filter_wise": True}),
         "ties_out_bf16": lambda: _yaml("ties", [a, c], [dict(w, density=0.5) for w in W3[:2]], base=b,
                                        dtype="float32", out_dtype="bfloat16"),
+        # mergekit 0.1.5 keeps max(1, int(density n)): one entry of every small tensor, none at density 0
+        "ties_keep_one": lambda: _yaml("ties", [a, c, d], [dict(w, density=x) for w, x in zip(W3, (0.01, 0.0, 0.03))],
+                                       base=b),
     }
     return cases[name]()
 
 
 PARITY_CASES = ["linear", "linear_unnormalized", "task_arithmetic", "ties", "ties_rescaled_unnormalized",
                 "ties_filters_and_gradients", "breadcrumbs", "breadcrumbs_ties", "slerp", "slerp_slices", "nuslerp",
-                "nuslerp_no_base_row_wise", "model_stock", "model_stock_filter_wise", "ties_out_bf16"]
+                "nuslerp_no_base_row_wise", "model_stock", "model_stock_filter_wise", "ties_out_bf16", "ties_keep_one"]
 
 
 @needs_mergekit
@@ -178,6 +181,44 @@ def test_seed_gives_the_same_output_and_another_seed_another(method, llamas, tmp
             outs.append(f.read())
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
+
+
+def _random_config(method, base, fts, *, rescale):
+    extra = {"epsilon": 0.1} if method.startswith("della") else {}
+    top = {} if rescale is None else {"parameters": {"rescale": rescale}}
+    return _yaml(method, fts, [dict(w, density=d, **extra) for w, d in zip(W3, (0.5, 0.3, 0.8))], base=base, **top)
+
+
+def _safetensors_bytes(out):
+    with open(os.path.join(out, "model.safetensors"), "rb") as f:
+        return f.read()
+
+
+def _same_draw(a, b, base, what):
+    """Two merges of one seed under the l1 rescale: the same kept entries (the same merged deltas' zeros) and the
+    values within the factor's rounding (its norms are summed in another order by each backend)."""
+    for name in base:
+        if base[name].is_floating_point():
+            assert torch.equal(a[name] != base[name], b[name] != base[name]), (what, name)
+            assert_rel_close(a[name].double(), b[name].double(), 1e-5, f"{what}: {name}")
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della_linear"])  # each draw, with and without the sign election
+def test_seed_gives_the_same_bytes_on_the_reference_and_triton_backends(method, llamas, tmp_path):
+    """--device cpu with the reference backend (auto on a CPU) and with the Triton kernels (their interpreter
+    here): one seed, one merge. Without a rescale the output files are byte for byte the same; with mergekit's
+    default l1 rescale the kept entries are, and the values agree to the factor's rounding."""
+    base_dir, fts = llamas
+    base = state_dict(base_dir)
+    for rescale in (False, None):
+        text = _random_config(method, base_dir, fts, rescale=rescale)
+        outs = [_ours(text, tmp_path, "--seed", "9", "--backend", b, name=f"{b}{rescale}")
+                for b in ("reference", "triton")]
+        assert [rc for rc, _ in outs] == [EXIT_OK, EXIT_OK]
+        if rescale is False:
+            assert _safetensors_bytes(outs[0][1]) == _safetensors_bytes(outs[1][1])
+        else:
+            _same_draw(state_dict(outs[0][1]), state_dict(outs[1][1]), base, method)
 
 
 # ------------------------------------------------------------------ refusals before any work
@@ -505,7 +546,7 @@ def test_merge_state_dicts_reads_safetensors_sources(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nuslerp",
-                                  "model_stock", "ties_out_bf16"])
+                                  "model_stock", "ties_out_bf16", "ties_keep_one"])
 def test_gpu_merge_equals_the_cpu_merge(case, llamas, tmp_path):
     """The streaming path on the GPU (reader streams, pinned staging, our kernels) gives the CPU's results,
     which equal mergekit's (test_deterministic_methods_equal_mergekit_yaml): fp32 within 1e-5."""
@@ -523,23 +564,33 @@ def test_gpu_merge_equals_the_cpu_merge(case, llamas, tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method", ["dare_ties", "della"])
-def test_gpu_seed_gives_the_same_output_on_the_kernel_backends(method, llamas, tmp_path):
-    """A seed gives one output per run and the same on both kernel backends (their draws are counter-based:
-    Philox of the seed and the flat index). The reference backend draws with torch.bernoulli instead."""
-    base, fts = llamas
-    extra = {"epsilon": 0.1} if method == "della" else {}
-    text = _yaml(method, fts, [dict(w, density=0.5, **extra) for w in W3], base=base)
-    cfg = tmp_path / "c.yml"
-    cfg.write_text(text)
-    outs = []
-    for i, backend in enumerate(("triton", "triton", "cuda")):
-        out = tmp_path / f"o{i}"
-        assert main(["merge", str(cfg), str(out), "--quiet", "--device", "cuda", "--backend", backend]) == EXIT_OK
-        outs.append(state_dict(str(out)))
-    for name in outs[0]:
-        assert torch.equal(outs[0][name], outs[1][name]), name
-        assert torch.equal(outs[0][name], outs[2][name]), name
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_seed_gives_the_cpu_bytes_on_every_backend(method, dtype, llamas, tmp_path):
+    """One seed, one merge on every device and backend (the draws are counter-based: Philox of seeds drawn
+    from a CPU generator, and the flat index): --device cpu (the reference) and --device cuda with auto,
+    reference, triton and cuda write the same bytes without a rescale; with mergekit's default l1 rescale the
+    same kept entries, values within the factor's rounding (its norms are summed in another order)."""
+    base_dir, fts = llamas
+    base = state_dict(base_dir)
+    for rescale in (False, None):
+        text = _random_config(method, base_dir, fts, rescale=rescale).replace("merge_method", f"dtype: {dtype}\n"
+                                                                                  "merge_method", 1)
+        cfg = tmp_path / f"c{rescale}.yml"
+        cfg.write_text(text)
+        outs = {}
+        for device, backend in (("cpu", "auto"), ("cuda", "auto"), ("cuda", "reference"), ("cuda", "triton"),
+                                ("cuda", "cuda")):
+            out = tmp_path / f"{device}-{backend}-{rescale}"
+            assert main(["merge", str(cfg), str(out), "--quiet", "--seed", "4", "--device", device, "--backend",
+                         backend]) == EXIT_OK
+            outs[(device, backend)] = str(out)
+        first = outs[("cpu", "auto")]
+        for key, out in outs.items():
+            if rescale is False:
+                assert _safetensors_bytes(out) == _safetensors_bytes(first), key
+            else:
+                _same_draw(state_dict(out), state_dict(first), base, f"{key}")
 
 
 def test_the_help_example_parses(llamas):

@@ -10,8 +10,8 @@ Same names, enum values, signatures and results as mergekit's current release (0
 * ``magnitude_outliers`` drops the int(gamma * n) largest |x| and then the smallest so that int(density * n)
   remain (when both cannot hold it keeps the int(density * n) smallest); gamma = 0 drops no large entry;
 * deterministic methods give mergekit's output exactly (equal magnitudes are ordered as mergekit's stable
-  sorts order them); float64 tensors are accepted and ranked, as mergekit ranks them on the CPU, by their
-  float32 magnitudes;
+  sorts order them); float64 tensors are accepted and ranked as mergekit ranks them (by their float32
+  magnitudes on the CPU, float64 on a GPU);
 * random methods (random, della_magprune) on the CPU draw with the same torch calls in the same order as
   mergekit, so ``torch.manual_seed(s)`` reproduces mergekit's draw bit for bit; on a GPU they run our
   counter-based kernels: same distribution, reproducible for a seed, not the same bits;
@@ -28,9 +28,10 @@ from typing import Optional
 import torch
 
 from .._validate import ALL_FLOAT_DTYPES, check_fraction, check_tensor
-from ..ops.masks import magnitude_prune
+from ..ops.masks import magnitude_count, magnitude_prune
 from ..ops.merge import magnitude_outliers as _outliers_op
 from ..ops.merge import ties_consensus
+from ..ops.merge.reference import band_mask, breadcrumbs_band
 
 __all__ = ["SparsificationMethod", "RescaleNorm", "ConsensusMethod", "rescaled_masked_tensor", "magnitude",
            "magnitude_outliers", "bernoulli", "della_magprune", "sparsify", "get_mask"]
@@ -91,9 +92,12 @@ def _check(tensor, density) -> float:
     return check_fraction("density", density)
 
 
-def _exact_density(k: int, n: int) -> float:
-    """A density d with int(d * n) == k exactly (for 0 < k < n): the ops count kept entries as int(d * n)."""
-    return (k + 0.5) / n
+def _float64_band(tensor: torch.Tensor, lo: int, hi: int, *, later_first: bool) -> torch.Tensor:
+    """A float64 tensor kept at positions [lo, hi) of its descending-magnitude order (the ops take fp32 / fp16 /
+    bf16): magnitudes ranked as mergekit ranks them, in float32 on the CPU (its ``w.float()``) and in float64 on
+    a GPU; equal ones by index (later first for magnitude_outliers)."""
+    key = tensor.abs().float() if tensor.device.type == "cpu" else tensor
+    return tensor * band_mask(key, lo, hi, later_first=later_first).to(tensor.dtype)
 
 
 def magnitude(tensor: torch.Tensor, density: float, rescale_norm: Optional[RescaleNorm] = None) -> torch.Tensor:
@@ -103,11 +107,12 @@ def magnitude(tensor: torch.Tensor, density: float, rescale_norm: Optional[Resca
     _norm_name(rescale_norm)
     if density >= 1:
         return tensor
-    n = tensor.numel()
-    if density <= 0 or n == 0:
+    if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
-    k = max(1, int(density * n))
-    masked = tensor.clone() if k >= n else magnitude_prune(tensor, _exact_density(k, n))
+    if tensor.dtype == torch.float64:
+        masked = _float64_band(tensor, 0, magnitude_count(tensor.numel(), density), later_first=False)
+    else:
+        masked = magnitude_prune(tensor, density)  # mergekit 0.1.5's count (ops.masks.magnitude_count)
     return _rescale(tensor, masked, rescale_norm)
 
 
@@ -124,9 +129,7 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, rescale_norm: Optio
     if tensor.numel() == 0:
         return torch.zeros_like(tensor)
     if tensor.dtype == torch.float64:
-        # mergekit ranks float64 by float32 magnitudes on the CPU: select on them, apply to the float64 values
-        proxy = tensor.abs().float()
-        masked = tensor * (_outliers_op(proxy, density, gamma) > 0).to(tensor.dtype)
+        masked = _float64_band(tensor, *breadcrumbs_band(tensor.numel(), density, gamma), later_first=True)
     else:
         masked = _outliers_op(tensor, density, gamma)
     return _rescale(tensor, masked, rescale_norm)

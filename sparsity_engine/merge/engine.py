@@ -474,10 +474,11 @@ def _write_loop(pipe: _Pipeline, job, plan: Plan, shards: List[int], inbox: queu
 
 # ------------------------------------------------------------------ the merge of one tensor
 
-def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+def _generator(seed: int, name: str) -> torch.Generator:
     """One generator per tensor, seeded from (seed, name): a tensor's draw does not depend on the order of
-    work or on where a resumed job restarted."""
-    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    work or on where a resumed job restarted. On the CPU whatever the device: the ops draw only their Philox
+    seeds from it, so a seed keeps the same entries on every device and backend."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
 
 
 def merge_one(plan: Plan, task: Task, xs: List[torch.Tensor], *, seed: int = 0, backend: Optional[str] = None,
@@ -492,7 +493,7 @@ def merge_one(plan: Plan, task: Task, xs: List[torch.Tensor], *, seed: int = 0, 
         return xs[0]
     xs = [x.to(task.compute_dtype) for x in xs]
     spec = METHODS[cfg.method]
-    gen = None if spec.deterministic else _generator(seed, task.name, xs[0].device)
+    gen = None if spec.deterministic else _generator(seed, task.name)
     out = spec.fn(xs, cfg.base, task.shared, task.per_input, generator=gen, backend=backend)
     return out.to(task.out_dtype)
 
@@ -510,8 +511,9 @@ def _resolve_device(device) -> torch.device:
 
 
 def _settings(cfg: MergeConfig, seed: int, max_shard_bytes: int, device: torch.device, backend) -> Dict[str, Any]:
-    """Everything that changes the output (compared on resume). The device and backend change the random
-    draws of DARE / DELLA and SparseGPT's rounding, so they count for those; elsewhere they only round."""
+    """Everything that changes the output (compared on resume). The device and backend change SparseGPT's
+    rounding and, for DARE / DELLA, the last bit of the rescale factor (its norms are summed in another order;
+    the draws are the same everywhere), so they count for those; elsewhere they only round."""
     out = {"method": cfg.method, "inputs": [{"path": m.path, "parameters": m.parameters} for m in cfg.inputs],
            "base": cfg.base, "parameters": cfg.global_params, "slice_parameters": cfg.slice_params,
            "dtype": cfg.dtype, "out_dtype": cfg.out_dtype, "tokenizer_source": cfg.tokenizer_source,

@@ -54,19 +54,7 @@ class MethodSpec:
 
 # ------------------------------------------------------------------ task arithmetic (fused op)
 
-def _kept_at_least_one(sparsification: Optional[str], density: float, numel: int) -> float:
-    """mergekit 0.1.5's magnitude keeps max(1, int(density * n)) entries; the op keeps int(density * n). Raise
-    a density that would keep none to one that keeps exactly one (1 of 1: density 1). A density above 1 means
-    no sparsification, as in mergekit."""
-    density = min(density, 1.0)
-    if sparsification != "magnitude" or density <= 0 or density >= 1 or int(density * numel) > 0:
-        return density
-    return 1.0 if numel <= 1 else 1.5 / numel
-
-
 def _task_arithmetic(method: str):
-    spec = TASK_ARITHMETIC[method]
-
     def merge(tensors: Sequence[torch.Tensor], base: int, shared: Dict[str, Any], per_input: List[Dict[str, Any]],
               generator: Optional[torch.Generator] = None, backend: Optional[str] = None) -> torch.Tensor:
         """mergekit's generalized task arithmetic through ``merge_task_vectors`` (see its docstring for the
@@ -75,9 +63,8 @@ def _task_arithmetic(method: str):
         others = [i for i in range(len(tensors)) if i != base]
         if not others:
             return tensors[base]
-        numel = tensors[base].numel()
         pick = lambda key, default: [per_input[i].get(key, default) for i in others]  # noqa: E731
-        density = [_kept_at_least_one(spec.sparsification, d, numel) for d in pick("density", 1.0)]
+        density = [min(d, 1.0) for d in pick("density", 1.0)]  # above 1: no sparsification, as in mergekit
         return merge_task_vectors(tensors[base], [tensors[i] for i in others], pick("weight", 1.0), method=method,
                                   density=density, epsilon=pick("epsilon", 0.15), gamma=pick("gamma", 0.01),
                                   lambda_=shared["lambda"], normalize=shared["normalize"], rescale=shared["rescale"],

@@ -1,12 +1,15 @@
 """Mask selection ops: N:M, top-k, magnitude, DARE, DELLA, and the selection the merges build on.
 
 Each public function validates its arguments, then dispatches to a backend (reference | triton | cuda).
-Semantics follow mergekit's ``sparsify`` (magnitude, random = DARE, della_magprune); where mergekit would
-fail (an assert, a NaN) these ops raise a clear error or take the documented robust path instead.
+Semantics follow mergekit 0.1.5's ``sparsify`` (magnitude, random = DARE, della_magprune); where mergekit
+would fail (an assert, a NaN) these ops raise a clear error or take the documented robust path instead. The
+random ops draw from one counter-based stream on every backend (reference.philox_uniforms), so a generator
+state gives the same result on each.
 
 For the merge family (ops/merge), which reaches these only through this module: :func:`select_edges` (band
 edges over whole tensors), :func:`della_deltas` (the DELLA task vectors of a merge), :func:`della_epsilon`,
-and mergekit's rescale (:func:`rescale_masked`, :data:`RESCALE_EPS`).
+:func:`magnitude_count`, the draws' seeds and Philox words (:func:`draw_seeds`, :func:`philox_words`) and
+mergekit's rescale (:func:`rescale_masked`, :data:`RESCALE_EPS`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from ..._dispatch import choose, dispatch, import_backend
 from ..._validate import (ALL_FLOAT_DTYPES, FLOAT_DTYPES, check_choice, check_finite, check_fraction,
                           check_generator, check_int, check_nm, check_tensor, finite_amax)
 from . import reference  # noqa: F401  (registers the oracle)
-from .reference import RESCALE_EPS, RESCALE_NORMS, rescale_factor, rescale_masked  # noqa: F401  (for ops/merge)
+from .reference import (PHILOX_CHUNK, RESCALE_EPS, RESCALE_NORMS, draw_seeds,  # noqa: F401  (for ops/merge)
+                        philox_words, rescale_factor, rescale_masked)
 
 import_backend(__name__, "triton")
 import_backend(__name__, "cuda")
@@ -73,25 +77,35 @@ def _check_norm(rescale_norm):
     return norm
 
 
+def magnitude_count(numel: int, density: float) -> int:
+    """How many entries mergekit 0.1.5's ``magnitude`` keeps of ``numel``: none at density <= 0 (or of an
+    empty tensor), all at density >= 1, else max(1, int(density * numel)): a positive density keeps at least
+    one entry. The one place this count is made (magnitude_prune, the merges' magnitude sparsification)."""
+    if density <= 0 or numel == 0:
+        return 0
+    if density >= 1:
+        return numel
+    return max(1, int(density * numel))
+
+
 def magnitude_prune(t: torch.Tensor, density: float, *, rescale_norm: Optional[str] = None,
                     backend: str = None) -> torch.Tensor:
-    """mergekit ``magnitude``: keep the k = int(density * t.numel()) largest |t|, zero the rest.
+    """mergekit 0.1.5 ``magnitude``: keep the k = :func:`magnitude_count` largest |t| (max(1, int(density * n))
+    for 0 < density < 1), zero the rest.
 
     Ties at the threshold go to the lower flat index. ``rescale_norm`` ('l1' | 'l2' | 'linf' | None) then
     scales the kept entries so that the norm of the result equals the norm of ``t`` (mergekit's
-    rescaled_masked_tensor). density >= 1 returns a copy of ``t`` (never ``t`` itself). Raises ValueError
-    when k == 0 (mergekit asserts). Returns a tensor of t's shape, dtype and device.
+    rescaled_masked_tensor). density 0 returns zeros, an empty ``t`` an empty tensor, and a count that keeps
+    every entry (density >= 1, or one entry of one) a copy of ``t`` (never ``t`` itself). Returns a tensor of
+    t's shape, dtype and device.
     """
     check_tensor("t", t, dtypes=ALL_FLOAT_DTYPES)
     density = check_fraction("density", density)
     norm = _check_norm(rescale_norm)
-    if density >= 1:
+    k = magnitude_count(t.numel(), density)
+    if k == 0 or k == t.numel():
         check_finite("t", t)
-        return t.clone()
-    k = int(density * t.numel())
-    if k <= 0:
-        raise ValueError(f"density={density} keeps int(density * numel) = 0 of the {t.numel()} entries of t; "
-                         "choose a larger density (mergekit refuses this case too)")
+        return t.clone() if k else torch.zeros_like(t)
     return _dispatch_finite("magnitude_prune", backend, "t", t, k, norm)
 
 
@@ -106,16 +120,17 @@ def dare(t: torch.Tensor, density: float, *, rescale: bool = True, generator: Op
     """DARE (mergekit ``bernoulli``): keep each entry independently with probability ``density``; with
     ``rescale`` the kept entries are divided by density, so E[result] = t.
 
-    density >= 1 returns a copy of t, density == 0 zeros. ``generator`` (on t's device type) makes the draw
-    reproducible: the reference draws with torch.bernoulli, the kernels seed their counter-based generator
-    from it (same generator state -> same result; the two backends give different but equally distributed
-    draws). Returns t's shape and dtype.
+    density >= 1 returns a copy of t, density == 0 zeros. The draw is counter-based (Philox4x32-10 of a seed
+    and the flat index, see reference.philox_uniforms) on every backend: ``generator`` (on t's device type, or
+    a CPU one; None: torch's default CPU generator) gives the seed, and the same generator state gives the
+    same result, bit for bit, on the reference, Triton and CUDA backends (a CPU generator: on every device
+    too). Returns t's shape and dtype.
     """
     check_tensor("t", t, dtypes=ALL_FLOAT_DTYPES)
     amax = finite_amax("t", t)
     density = check_fraction("density", density)
     rescale = _check_bool("rescale", rescale)
-    check_generator("generator", generator, t.device)
+    check_generator("generator", generator, t.device, host_ok=True)
     if density >= 1:
         return t.clone()
     if density <= 0:
@@ -156,13 +171,16 @@ def della_magprune(t: torch.Tensor, density: float, epsilon: float, *, rescale_n
     then rescaled as ``rescale_norm`` asks (mergekit's rescaled_masked_tensor; no 1/p factor, as mergekit).
     An epsilon larger than min(density, 1 - density) is shrunk to it with a RuntimeWarning (mergekit raises).
     density >= 1 returns a copy, density == 0 zeros. Never NaN (constant rows, single columns included).
+    The draw: entry e is kept iff the Philox uniform of its flat index (the seed from ``generator``, as
+    :func:`dare`) is below p_e, with p_e rounded as reference.della_probabilities_between says; the same
+    generator state keeps the same entries on every backend.
     Note: mergekit ranks along dim 1 for tensors of 3 or more dims; this op ranks along the last dim.
     """
     check_tensor("t", t, dtypes=ALL_FLOAT_DTYPES, finite=True)
     density = check_fraction("density", density)
     epsilon = check_fraction("epsilon", epsilon, high=float("inf"))
     norm = _check_norm(rescale_norm)
-    check_generator("generator", generator, t.device)
+    check_generator("generator", generator, t.device, host_ok=True)
     if density >= 1:
         return t.clone()
     if density <= 0:

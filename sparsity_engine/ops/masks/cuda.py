@@ -43,7 +43,7 @@ def _della_supports(t: torch.Tensor, *rest) -> List[str]:
 
 
 def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """reference.della_probabilities (fp32, t's shape), bit-identical to the reference run by torch on the GPU:
+    """reference.della_probabilities (fp32, t's shape), bit-identical to the reference on any device:
     fp16/bf16 rows ranked by a per-row histogram of their 15-bit magnitude keys, fp32 rows by a block radix
     sort of (31-bit magnitude key, column) pairs."""
     x = t.contiguous()
@@ -85,9 +85,9 @@ NORM_CODE = {None: 0, "l1": 1, "l2": 2, "linf": 3}  # csrc/masks_della.cu's norm
 
 @register("della_magprune", "cuda", dtypes=KERNEL_DTYPES, supports=_della_supports)
 def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm, generator) -> torch.Tensor:
-    """Ranks by csrc/masks_della.cu, then the Triton backend's Philox draw (through dispatch) with a seed drawn
-    the same way, so a generator state gives the same entries on either backend (up to p rounded
-    differently)."""
+    """Ranks by csrc/masks_della.cu (the reference's probabilities, bit for bit), then the Triton backend's
+    Philox draw (through dispatch) with a seed drawn the same way: a generator state keeps the same entries as
+    the reference and Triton backends."""
     x = t.contiguous()
     kept = dispatch("keep_with_probabilities", "triton", x, della_probabilities(x, density, epsilon),
                     reference.draw_seed(generator))

@@ -121,27 +121,29 @@ def magnitude_prune(t: torch.Tensor, k: int, rescale_norm: Optional[str]) -> tor
     return rescale_masked(t, t * keep.to(t.dtype), rescale_norm, op="magnitude_prune")
 
 
-def work_dtype(t: torch.Tensor) -> torch.dtype:
-    """mergekit's rule: the tensor's dtype, except fp16/fp32 on the CPU, drawn in fp32."""
-    if t.device.type != "cpu" or t.dtype == torch.bfloat16:
-        return t.dtype
-    return torch.float32
+def keep_probability(dtype: torch.dtype, density: float) -> float:
+    """DARE's keep probability: density rounded to the tensor's dtype (as the probability tensor mergekit hands
+    to torch.bernoulli on a GPU holds it), then to fp32, the uniforms' dtype. The same on every device and
+    backend."""
+    return float(torch.tensor(density, dtype=dtype).float())
 
 
 @register("dare", "reference")
 def dare(t: torch.Tensor, density: float, rescale: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Keep each entry independently with probability ``density`` (0 < density < 1), then divide by density.
 
-    As mergekit's ``bernoulli``: the keep probability is ``density`` rounded to the work dtype and the
-    product is formed in the work dtype, then cast back to t's dtype.
+    The draw of every backend: a 31-bit seed from ``generator`` (:func:`draw_seed`), entry e kept iff its
+    uniform (:func:`philox_uniforms`) is below :func:`keep_probability` (an fp32 compare). Kept entries:
+    x * fp32(1 / density) in fp32 (fp64 for float64 t; x itself without ``rescale``), rounded once to t's dtype;
+    dropped entries are +0.
     """
-    work = work_dtype(t)
-    probs = torch.full(t.shape, density, dtype=work, device=t.device)
-    mask = torch.bernoulli(probs, generator=generator)
-    res = t.to(work) * mask
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    u = philox_uniforms(draw_seed(generator), t.numel(), t.device).view(t.shape)
+    keep = u < torch.tensor(keep_probability(t.dtype, density), dtype=torch.float32, device=t.device)
+    x = t.to(wide)
     if rescale:
-        res = res / density
-    return res.to(t.dtype)
+        x = x * torch.tensor(1.0 / density, dtype=wide, device=t.device)
+    return torch.where(keep, x, torch.zeros((), dtype=wide, device=t.device)).to(t.dtype)
 
 
 def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -155,45 +157,139 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
 
 
 def della_probabilities_between(t: torch.Tensor, lo: float, span: float) -> torch.Tensor:
-    """della_probabilities with lo = density - epsilon and span = 2 * epsilon given."""
+    """della_probabilities with lo = density - epsilon and span = 2 * epsilon given.
+
+    The arithmetic of every backend, each step rounded in fp32 (no fused multiply-add): mean rank (exact),
+    times fp32(1 / (n - 1)) (the reciprocal rounded once), times fp32(span), plus fp32(lo), clamped; the
+    CUDA kernel's della_p and the Triton rows kernel compute exactly this.
+    """
     n = t.shape[-1] if t.dim() else 1
+    if t.numel() == 0:
+        return torch.zeros(t.shape, dtype=torch.float32, device=t.device)
     mag = t.abs().float().reshape(-1, n)
     ordered = torch.sort(mag, dim=1).values
     below = torch.searchsorted(ordered, mag, right=False)  # entries strictly smaller
     upto = torch.searchsorted(ordered, mag, right=True)  # entries smaller or equal
     mean_rank = (below + upto - 1).float() * 0.5
-    frac = mean_rank / (n - 1) if n > 1 else torch.full_like(mean_rank, 0.5)
-    probs = lo + span * frac
+    f32 = dict(dtype=torch.float32, device=t.device)
+    if n > 1:
+        frac = mean_rank * torch.tensor(della_inv_nm1(n), **f32)
+    else:
+        frac = torch.full_like(mean_rank, 0.5)
+    probs = frac * torch.tensor(span, **f32) + torch.tensor(lo, **f32)
     return probs.clamp_(0.0, 1.0).reshape(t.shape)
+
+
+def della_inv_nm1(n: int) -> float:
+    """1 / (n - 1) rounded to fp32 once (as the CUDA kernels' 1.0f / (n - 1)); a float the Triton launcher
+    passes unchanged."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(n - 1), dtype=torch.float32))
 
 
 @register("della_magprune", "reference")
 def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm: Optional[str],
                    generator: Optional[torch.Generator]) -> torch.Tensor:
-    """DELLA MagPrune: keep each entry with its rank-based probability (:func:`della_probabilities`), then
-    rescale the kept tensor as ``rescale_norm`` asks (mergekit's rescaled_masked_tensor; no 1/p factor,
-    as mergekit). Work dtype as mergekit's."""
-    work = work_dtype(t)
-    mask = torch.bernoulli(della_probabilities(t, density, epsilon), generator=generator)
-    x = t.to(work)
-    out = rescale_masked(x, x * mask.to(work), rescale_norm, op="della_magprune").to(t.dtype)
-    return out if rescale_norm is None or out.dtype == work else check_result(
-        "della_magprune", out, f"rescale_norm={rescale_norm!r} pushes the kept entries past the dtype's range")
+    """DELLA MagPrune: keep each entry where its uniform (:func:`keep_with_probabilities`, seeded by
+    :func:`draw_seed`) is below its rank-based probability (:func:`della_probabilities`), then rescale the kept
+    tensor in t's dtype as ``rescale_norm`` asks (mergekit's rescaled_masked_tensor; no 1/p factor, as
+    mergekit). The draw and the arithmetic of every backend."""
+    kept = keep_with_probabilities(t, della_probabilities(t, density, epsilon), draw_seed(generator))
+    return rescale_masked(t, kept, rescale_norm, op="della_magprune")
+
+
+# ---------------------------------------------------------------- the counter-based draw of every backend
+
+SEED_HIGH = 2**31 - 1  # seeds are drawn in [0, SEED_HIGH): they fit the kernels' int32 / uint32 arguments
+
+
+def draw_seeds(generator: Optional[torch.Generator], count: int) -> List[int]:
+    """``count`` 31-bit Philox seeds in one torch.randint call on ``generator`` (on its device), else on torch's
+    default CPU generator (so torch.manual_seed reproduces a draw). Every backend draws its seeds here, so one
+    generator state gives one seed, and with it one draw, on every backend; a CPU generator gives the same
+    seeds whatever device the tensors are on."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, SEED_HIGH, (count,), generator=generator, device=device).tolist()
 
 
 def draw_seed(generator: Optional[torch.Generator]) -> int:
-    """A 31-bit seed for the kernels' counter-based Philox draw, from ``generator`` (or torch's default)."""
-    if generator is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+    """One seed (:func:`draw_seeds` with count 1): the seed of the mask ops' DARE and DELLA draws."""
+    return draw_seeds(generator, 1)[0]
+
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57  # multipliers of Philox4x32
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85  # its Weyl key increments
+UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float for 32-bit words: (2**31 - 1) * scale < 1
+PHILOX_CHUNK = 1 << 16  # Philox counters evaluated per step (bounds the int64 temporaries to a few MiB)
+
+
+def _mul_hi_lo(x: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x * m) >> 32 and (x * m) mod 2**32 for int64 x in [0, 2**32) and a 32-bit constant m, with no int64
+    overflow: m is split into 16-bit halves, so each partial product stays below 2**48.
+
+    x m = 2**16 h + l with h = x (m >> 16), l = x (m & 0xFFFF); then (x m) >> 32 = (h + (l >> 16)) >> 16 (the low
+    16 bits of l cannot carry past bit 32) and (x m) mod 2**32 = ((h mod 2**16) 2**16 + l) mod 2**32."""
+    h = x * (m >> 16)
+    low = x * (m & 0xFFFF)
+    hi = (low >> 16).add_(h).bitwise_right_shift_(16)
+    return hi, h.bitwise_and_(0xFFFF).bitwise_left_shift_(16).add_(low).bitwise_and_(_M32)
+
+
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int,
+               k1: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 (Salmon et al., SC 2011) on int64 tensors holding 32-bit words: counter (c0, c1, c2, c3),
+    key (k0, k1) -> the four output words, int64 in [0, 2**32). Each of the 10 rounds:
+
+        c0, c1, c2, c3 = hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0);  k0 += KEY_A, k1 += KEY_B
+
+    (hi / lo: the upper / lower 32 bits of the 64-bit product), as Triton's philox_impl and csrc/masks_della.cu's
+    philox_uniform4 compute it. The keys are host integers (the same for every entry)."""
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0), lo_b, hi_a.bitwise_xor_(c3).bitwise_xor_(k1), lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_words(seed: int, offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton's tl.randint4x(seed, offsets) for int64 offsets >= 0: counter (offset mod 2**32, offset >> 32, 0,
+    0), key (seed mod 2**32, seed >> 32); four int64 tensors of 32-bit words."""
+    zero = torch.zeros_like(offsets)
+    return philox4x32(offsets & _M32, offsets >> 32, zero, zero, seed & _M32, (seed >> 32) & _M32)
+
+
+def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float of 32-bit words (int64 in [0, 2**32)): the word read as an int32 x, x < 0
+    mapped to -x - 1 (= 2**32 - 1 - word), converted to fp32 (rounded to nearest) and times fp32(UNIFORM_SCALE):
+    float32 uniforms in [0, 1)."""
+    x = torch.where(words > 0x7FFFFFFF, _M32 - words, words)
+    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=words.device)
+
+
+def philox_uniforms(seed: int, n: int, device) -> torch.Tensor:
+    """The uniforms of the mask ops' draws for flat indices 0 .. n-1 (float32 [n]): entry e takes lane e % 4 of
+    Philox4x32-10(seed, counter e // 4), so one Philox call serves four entries and a value depends only on the
+    seed and the index (Triton's _block_uniforms / _uniform_at, csrc/masks_della.cu's della_deltas). DARE keeps
+    entry e iff u[e] < p, DELLA iff u[e] < p[e]. Evaluated PHILOX_CHUNK counters at a time."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    groups = -(-n // 4)
+    for start in range(0, groups, PHILOX_CHUNK):
+        counters = torch.arange(start, min(start + PHILOX_CHUNK, groups), dtype=torch.int64, device=device)
+        lanes = torch.stack(philox_words(seed, counters), dim=1).reshape(-1)  # counter-major: flat index order
+        first = 4 * start
+        count = min(n - first, lanes.numel())
+        out[first:first + count] = uniform_from_words(lanes[:count])
+    return out
 
 
 @register("keep_with_probabilities", "reference")
 def keep_with_probabilities(x: torch.Tensor, probs: torch.Tensor, seed: int, out=None) -> torch.Tensor:
-    """x where a uniform draw falls below probs, else 0: torch's generator seeded with ``seed`` (the kernels
-    draw the same distribution with Philox; the entries differ)."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    kept = torch.where(torch.rand(x.shape, generator=gen, device=x.device) < probs, x, torch.zeros_like(x))
+    """x where its uniform (:func:`philox_uniforms` of ``seed``, by flat index) is below probs (fp32), else +0:
+    the DELLA draw of every backend (written into ``out`` when given)."""
+    u = philox_uniforms(seed, x.numel(), x.device).view(x.shape)
+    kept = torch.where(u < probs, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if out is None:
         return kept
     out.copy_(kept)

@@ -10,11 +10,13 @@
   histograms, all rows of a merge in one read); this path serves CPUs, per-row selections and GPUs without
   the extension.
 * DARE: one read, one write; counter-based Philox (one call per 4 elements), the counter being the flat
-  index, so a seed reproduces the draw whatever the launch configuration.
+  index, so a seed reproduces the draw whatever the launch configuration. The reference computes the same
+  Philox stream in torch (reference.philox_uniforms): a seed keeps the same entries on every backend.
 * DELLA: one program per row sorts (magnitude key, column) pairs once, takes mean ranks of equal magnitudes
   from two segmented scans, and draws, masks and writes in the same pass; rows longer than DELLA_SORT_MAX
   are ranked by torch and drawn by a fused elementwise kernel. On a GPU the CUDA backend (cuda.py) ranks rows
-  without sorting in registers and draws with the same kernel, so a seed gives the same entries on both.
+  without sorting in registers and draws with the same kernel. Every path forms p with the reference's fp32
+  roundings (no FMA contraction) and draws the reference's uniforms, so a seed gives the same entries on all.
 """
 from __future__ import annotations
 
@@ -364,11 +366,6 @@ def magnitude_prune(t: torch.Tensor, k: int, rescale_norm) -> torch.Tensor:
 
 # ---------------------------------------------------------------- DARE
 
-def _keep_probability(t: torch.Tensor, p: float) -> float:
-    # as the reference (mergekit): the probability is rounded to the work dtype before the draw
-    return float(torch.tensor(p, dtype=reference.work_dtype(t)).float())
-
-
 @triton.jit
 def _block_uniforms(seed, start, BLOCK: tl.constexpr):
     """Uniforms in [0, 1) for flat indices start .. start + BLOCK (start a multiple of 4): element e takes lane
@@ -390,14 +387,16 @@ def _uniform_at(seed, e):
 
 @triton.jit
 def _dare_kernel(x_ptr, out_ptr, n, seed, p, scale, BLOCK: tl.constexpr):
-    """out = x * scale where u(seed, flat index) < p, else 0: one read, one write, launch-independent."""
+    """out = x * scale (in fp32, rounded once to the dtype) where u(seed, flat index) < p, else 0: one read, one
+    write, launch-independent."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     o = start + tl.arange(0, BLOCK)
     v = o < n
     x = tl.load(x_ptr + o, mask=v, other=0.0)
     keep = _block_uniforms(seed, start, BLOCK) < p
-    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
-    tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=v)
+    DT = out_ptr.dtype.element_ty
+    y = round_to(tl.where(keep, x.to(tl.float32) * scale, 0.0), DT)  # to nearest even, on the interpreter too
+    tl.store(out_ptr + o, y.to(DT), mask=v)
 
 
 _DARE_BLOCK = 4096
@@ -411,8 +410,8 @@ def dare_with_seed(t: torch.Tensor, density: float, rescale: bool, seed: int) ->
     if n:
         scale = 1.0 / density if rescale else 1.0
         grid = (triton.cdiv(n, _DARE_BLOCK),)
-        _dare_kernel[grid](x, out, n, seed, _keep_probability(t, density), scale, BLOCK=_DARE_BLOCK,
-                           num_warps=8)
+        _dare_kernel[grid](x, out, n, seed, reference.keep_probability(t.dtype, density), scale,
+                           BLOCK=_DARE_BLOCK, num_warps=8, enable_fp_fusion=False)
     return out.view(t.shape)
 
 
@@ -495,9 +494,10 @@ def della_with_seed(t: torch.Tensor, density: float, epsilon: float, rescale_nor
         padded_fp32 = x.dtype == torch.float32 and n & (n - 1) != 0
         if n <= DELLA_SORT_MAX and not padded_fp32:
             block = max(16, triton.next_power_of_2(n))
-            inv_nm1, frac0 = (1.0 / (n - 1), 0.0) if n > 1 else (0.0, 0.5)
+            inv_nm1, frac0 = (reference.della_inv_nm1(n), 0.0) if n > 1 else (0.0, 0.5)
+            # the reference's roundings (no multiply-add contracted into an FMA): the same p, so the same draw
             _della_rows_kernel[(rows,)](x, out, n, seed, lo, span, inv_nm1, frac0, ROW_BLOCK=block,
-                                        WIDE=x.dtype == torch.float32)
+                                        WIDE=x.dtype == torch.float32, enable_fp_fusion=False)
         else:
             keep_with_probabilities(x, reference.della_probabilities(x, density, epsilon), seed, out=out)
     out = out.view(t.shape)

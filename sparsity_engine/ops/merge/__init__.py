@@ -161,7 +161,10 @@ def merge_task_vectors(base: torch.Tensor, tensors, weights, *, method: str, den
     mergekit configures them (sparsification, consensus, default normalize / rescale: see ``METHODS``).
     density, epsilon (DELLA) and gamma (Breadcrumbs) are numbers or per-model lists. rescale: None (method
     default), True (= 'l1', mergekit's meaning), False, or 'l1' | 'l2' | 'linf'. consensus: None (method
-    default), 'sum' or 'count' to override the sign election. lambda_ scales the merged delta.
+    default), 'sum' or 'count' to override the sign election. lambda_ scales the merged delta. generator (on
+    base's device type, or a CPU one; None: torch's default CPU generator) seeds the DARE / DELLA draws, which
+    are counter-based (Philox of the seeds and the flat index, see reference.sparsify_deltas): a generator
+    state keeps the same entries on every backend (a CPU generator: on every device too).
 
     Math (in base's dtype, as mergekit): delta_i = t_i - base, sparsified per model, times w_i; with a
     consensus only entries agreeing with the elected sign are summed and the divisor is the sum of their
@@ -187,7 +190,7 @@ def merge_task_vectors(base: torch.Tensor, tensors, weights, *, method: str, den
     else:
         check_choice("consensus", consensus, CONSENSUS_METHODS + ("none",))
         consensus = None if consensus == "none" else consensus
-    check_generator("generator", generator, base.device)
+    check_generator("generator", generator, base.device, host_ok=True)
     args = (base, tensors, w)
     kwargs = dict(spars=spec.sparsification, consensus=consensus, densities=densities, epsilons=epsilons,
                   gammas=gammas, lambda_=lam, normalize=normalize, rescale_norm=rescale_norm, generator=generator)

@@ -9,9 +9,10 @@ inputs are N pointer arguments, so each pass reads every input once):
   key > K, or key == K and its flat index < J, so the fused pass keeps exactly the reference's entries with
   two compares.
 * random (DARE): no pre-pass; one Philox call per entry gives four 32-bit words (models 0-3; a second seed
-  for 4-7), keep = word / 2**32 < density_i: depends on the seed and the flat index only, never on the
-  launch configuration. With a rescale the norms pass draws and stores the decisions (a bit per model, a
-  byte per entry) and the merge pass reads them: the draw is most of either pass's time.
+  for 4-7), keep = (word >> 8) / 2**24 < density_i: depends on the seed and the flat index only, never on the
+  launch configuration (reference.dare_keeps draws the same). With a rescale the norms pass draws and stores
+  the decisions (a bit per model, a byte per entry) and the merge pass reads them: the draw is most of either
+  pass's time.
 * della: the sparsified task vectors come from the masks family (``masks.della_deltas``: on CUDA one kernel per
   (row, model) forms, ranks, draws and writes them with their norm terms), then the fused pass.
 * rescale (l1 / l2 / linf): one reduction pass computing each model's norm before and after its mask (per-block
@@ -27,10 +28,10 @@ Programs take TB entries and walk them in sub-tiles of SUB with 4 warps, which k
 and many warps in flight.
 
 Arithmetic is fp32 with a rounding to the base dtype wherever mergekit's torch code stores an intermediate
-(delta, sparsified delta, weighted delta, sums, quotient), so results match the reference to the last bit
-except for the order in which the rescale norms are summed and, for fp32 with more than four models, the
-order in which torch's reduction adds the models (the kernel adds them in model order; fp16 / bf16 results
-round the sums to the dtype, which hides it in the tests).
+(delta, sparsified delta, weighted delta, sums, quotient), models summed in model order as the reference sums
+them, and the random draws are the reference's (reference.sparsify_deltas), so results match the reference
+to the last bit except for the order in which the l1 / l2 rescale norms are summed (the factor may then
+differ in its last bit; the kept entries never do).
 """
 from __future__ import annotations
 
@@ -485,13 +486,6 @@ def _rounded(values: tuple, dtype: torch.dtype) -> list:
     return torch.tensor(values, dtype=dtype).float().tolist()
 
 
-def _draw_seeds(generator, count: int) -> List[int]:
-    """``count`` 31-bit Philox seeds from the caller's generator, else torch's default CPU one (so
-    torch.manual_seed reproduces a merge)."""
-    gen_device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, INT_MAX, (count,), generator=generator, device=gen_device).tolist()
-
-
 def _merge_supports(base, tensors, weights, **kwargs):
     if len(tensors) > MAX_MODELS:
         return [f"the fused kernel merges at most {MAX_MODELS} models, got {len(tensors)}"]
@@ -541,16 +535,16 @@ def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons
     norm = rescale_norm if mode is not SPARS_NONE else None
     if mode is SPARS_PRESPARSE:
         # density 0 keeps nothing whatever epsilon is (p = 0): no warning about shrinking it
-        eps = [masks.della_epsilon(d, e, stacklevel=5) if a and d > 0 else 0.0
-               for d, e, a in zip(densities, epsilons, active)]
-        deltas, parts = masks.della_deltas(base, ts, densities, eps, _draw_seeds(generator, N), active, norm,
+        eps = ref.della_epsilons(densities, epsilons, active)
+        deltas, parts = masks.della_deltas(base, ts, densities, eps, masks.draw_seeds(generator, N), active, norm,
                                            backend=_della_backend(parts_backend, base, ts))
         plan = _Plan(base, list(deltas.unbind(0)), weights)
         if parts is not None:
             plan.scale_from_parts(F.pad(parts, (0, _NP[N] - N)).contiguous(), norm, active)
     elif mode is SPARS_RANDOM:
         plan = _Plan(base, ts, weights, dens=[d if a else 1.0 for d, a in zip(densities, active)])
-        plan.seeds = torch.tensor(_draw_seeds(generator, 2), dtype=torch.int32).to(base.device)
+        plan.seeds = torch.tensor(masks.draw_seeds(generator, ref.dare_seed_count(N)), dtype=torch.int32
+                                  ).to(base.device)
     else:
         plan = _Plan(base, ts, weights)
     if mode is SPARS_BAND:
@@ -559,7 +553,7 @@ def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons
             if not active[i]:
                 bands.append(None)
             elif spars == "magnitude":
-                bands.append((0, int(densities[i] * n)))
+                bands.append((0, masks.magnitude_count(n, densities[i])))
             else:
                 bands.append(ref.breadcrumbs_band(n, densities[i], gammas[i]))
         plan.select_bands(bands, later_first=spars == "magnitude_outliers", backend=parts_backend)
