@@ -196,11 +196,14 @@ def _safetensors_bytes(out):
 
 def _same_draw(a, b, base, what):
     """Two merges of one seed under the l1 rescale: the same kept entries (the same merged deltas' zeros) and the
-    values within the factor's rounding (its norms are summed in another order by each backend)."""
+    values within the factor's rounding (its norms are summed in another order by each backend; one unit of a
+    bf16 factor is 2**-8)."""
     for name in base:
         if base[name].is_floating_point():
-            assert torch.equal(a[name] != base[name], b[name] != base[name]), (what, name)
-            assert_rel_close(a[name].double(), b[name].double(), 1e-5, f"{what}: {name}")
+            b0 = base[name].to(a[name].dtype)  # where every model dropped an entry the merge is the base there
+            assert torch.equal(a[name] != b0, b[name] != b0), (what, name)
+            tol = 1e-2 if a[name].dtype == torch.bfloat16 else 1e-5
+            assert_rel_close(a[name].double(), b[name].double(), tol, f"{what}: {name}")
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della_linear"])  # each draw, with and without the sign election
