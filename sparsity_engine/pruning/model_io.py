@@ -328,11 +328,13 @@ class WeightLoader:
                     out.set_result({n: f.result() for n, f in futures.items()})
                 except BaseException as exc:     # a read error surfaces where the job waits for the block
                     out.set_exception(exc)
+                futures.clear()                  # no reference cycle keeps the buffers alive until a GC
 
-        for f in futures.values():
-            f.add_done_callback(gather)
-        if not futures:
+        pending = list(futures.values())
+        if not pending:
             out.set_result({})
+        for f in pending:
+            f.add_done_callback(gather)
         return out
 
     def place(self, host: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -288,11 +288,22 @@ class _StreamingRun:
         self.loader = WeightLoader(folder.reader, tensors, device)
         self.writer = BlockWriter(self.shards, self._on_written)
         self.per_block: Dict[str, Dict[str, float]] = {}
+        self._outside_written = False
 
-    # the writer thread calls this once a group is on disk: only then is it done
+    # the writer thread calls this once a group is on disk: only then is it done. The tensors outside the
+    # blocks are marked done with the first block, so that a job that fails before its first block counts as a
+    # failed start (io.jobdir removes it) rather than as progress.
     def _on_written(self, step: str, info: Dict[str, Any], measured: Dict[str, float]) -> None:
+        from .model_io import OUTSIDE
+
+        if step == OUTSIDE:
+            self._outside_written = True
+            return
         for r in info.get("layers", []):
             r["sparsity"] = measured[r["name"] + ".weight"]
+        if self._outside_written:
+            self.job.mark_done(OUTSIDE)
+            self._outside_written = False
         self.job.mark_done(step, info)
 
     def _own_reader(self):
@@ -305,11 +316,8 @@ class _StreamingRun:
             files.append(final if os.path.isfile(final) else self.job.path(f".{fname}.partial"))
         return SafetensorsReader(self.job.out_dir, files=files)
 
-    def _load(self, future) -> Dict[str, torch.Tensor]:
-        host = future.result()
-        placed = self.loader.place(host)
-        self.tensors.set(placed)
-        return placed
+    def _load(self, future) -> None:
+        self.tensors.set(self.loader.place(future.result()))
 
     def run(self, ids: Optional[torch.Tensor], eval_ids: Optional[torch.Tensor]) -> Dict[str, Any]:
         from .model_io import OUTSIDE, move_buffers
@@ -346,17 +354,16 @@ class _StreamingRun:
             for i in range(self.nblocks):
                 block = self.layout.blocks[i]
                 t_read = time.perf_counter()
-                cur = nxt
                 dense = None
                 if i < self.start and evals is not None:     # the dense eval needs the input's weights
                     dense = self.loader.submit(self.block_names[i])
-                placed = self._load(cur)
+                self._load(nxt)                              # the future goes: it holds no buffer after this
                 nxt = self._submit_block(i + 1, own) if i + 1 < self.nblocks else None
                 move_buffers(block, dev)
                 read_s = time.perf_counter() - t_read
                 timer = PhaseTimer(dev)
                 if i < self.start:
-                    self._replay_block(i, block, inputs, evals, dense, placed)
+                    self._replay_block(block, inputs, evals, dense)
                 else:
                     self._prune_block(i, block, inputs, evals, timer, read_s)
                 self.tensors.release(self.block_names[i])
@@ -400,7 +407,7 @@ class _StreamingRun:
             self.progress.write(f"calibration activations ({total / 1e9:.1f} GB) do not fit a quarter of the GPU: "
                                 "kept in pinned host memory")
 
-    def _replay_block(self, i, block, inputs, evals, dense_future, placed) -> None:
+    def _replay_block(self, block, inputs, evals, dense_future) -> None:
         """A block an earlier run pruned: only rebuild the next block's inputs (and the eval activations)."""
         if inputs is not None:
             run_block(block, inputs, replace=True)

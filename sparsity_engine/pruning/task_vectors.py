@@ -122,6 +122,19 @@ def _check_same_architecture(folders) -> None:
             raise InputError(f"{f.path} does not have the base model's tensors (first differences: {diff})")
 
 
+def _check_widths(model, config: TaskVectorConfig) -> None:
+    """An N:M pattern's M divides the input width of every pruned layer (on the skeleton, before any work)."""
+    if config.pattern is None:
+        return
+    layout = find_blocks(model)
+    for i, block in enumerate(layout.blocks):
+        for name, mod in find_linears(block, prefix=layout.block_name(i)).items():
+            cols = weight_out_in(mod).shape[1]
+            if not matches(name, config.skip) and cols % config.pattern.m:
+                raise ConfigError(f"layer {name} has {cols} input columns, not a multiple of M={config.pattern.m} "
+                                  f"of the {config.pattern.label()} pattern; skip it (--skip)")
+
+
 @torch.no_grad()
 def prune_task_vectors(base, fts: List[torch.nn.Module], calib_ids: torch.Tensor, config: TaskVectorConfig, *,
                        device=None, progress: Optional[Progress] = None) -> List[Dict[str, Any]]:
@@ -227,6 +240,7 @@ def run_task_vector_job(base_dir: str, ft_dirs: Sequence[str], out_dir: str, con
     dev = resolve_device(device)
     folders = [ModelFolder(d, dtype) for d in [base_dir, *ft_dirs]]
     _check_same_architecture(folders)
+    _check_widths(folders[0].skeleton(), config)
     ids = jobstate.calibration(folders[0], folders[0].tokenizer(), calib, nsamples=nsamples, seqlen=seqlen,
                                seed=seed)
     settings = {"task_vectors": config.output_settings(), "calib": os.path.abspath(calib) if calib else
