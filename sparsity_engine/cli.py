@@ -138,8 +138,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the weights' dtype (default: as saved)")
-    g.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="calibration sequences per forward (default 8; changes only rounding)")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="calibration sequences per forward (default: 8 on the CPU, up to 32 on a GPU as its memory "
+                   "allows; changes only rounding)")
     g.add_argument("--blocksize", type=_positive_int, default=128, help="SparseGPT column block (default 128)")
     g.add_argument("--percdamp", type=_percdamp, default=0.01,
                    help="Hessian damping, fraction of mean diag, > 0 (default 0.01)")
@@ -304,7 +305,7 @@ def _cmd_task_vectors(args) -> int:
 
     config = TaskVectorConfig(density=args.density, pattern=args.pattern, rescale=args.rescale,
                               hessian=args.hessian, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()),
-                              blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
+                              blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size or 8,
                               backend=None if args.backend in (None, "auto") else args.backend,
                               merge=args.merge, weights=args.weights, merge_density=args.merge_density,
                               lambda_=args.lambda_)

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
-from .atomic import PathLike, atomic_path, write_json_atomic
+from .atomic import PathLike, _fsync_dir, atomic_path, write_json_atomic
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -523,12 +523,14 @@ class PlannedShardWriter:
     """Fill the shards of a :class:`ShardPlan` tensor by tensor, in any order, from any number of calls.
 
     Each shard is first a preallocated ``.{name}.partial`` file whose header is written at once; ``write``
-    puts a tensor's bytes at its planned offset (pwrite); ``sync`` makes what was written durable; a shard
-    whose every tensor was written is synced and renamed to its final name; ``close`` writes the index
-    (several shards) last, atomically. Reopening the same plan in the same folder (a resumed job) keeps the
-    partial shards (after checking their headers) and the finished ones; ``written(names)`` tells it which
-    tensors earlier runs already wrote. ``path_of(relative name)`` returns where to put a file (a job folder
-    uses it to record the file before it exists). ``bytes_written`` counts the data written.
+    puts a tensor's bytes at its planned offset (pwrite, into the page cache: fast); ``sync`` makes everything
+    written so far durable and gives each shard whose every tensor is written its final name (fsync, rename);
+    ``close`` syncs and writes the index (several shards) last, atomically. ``write`` and ``sync`` may run on
+    different threads (a job writes on one and syncs on another, so a slow disk never stalls the writes).
+    Reopening the same plan in the same folder (a resumed job) keeps the partial shards (after checking their
+    headers) and the finished ones; ``written(names)`` tells it which tensors earlier runs already wrote.
+    ``path_of(relative name)`` returns where to put a file (a job folder uses it to record the file before it
+    exists). ``bytes_written`` counts the data written.
     """
 
     def __init__(self, out_dir: Optional[PathLike], plan: ShardPlan, *, metadata: Optional[Mapping[str, str]] = None,
@@ -571,52 +573,52 @@ class PlannedShardWriter:
         return list(self._where)
 
     def written(self, names: Iterable[str]) -> None:
-        """Tensors an earlier run wrote (and synced): they no longer keep their shard open."""
+        """Tensors an earlier run wrote (and synced)."""
         with self._lock:
             for name in names:
                 self._pending[self._where[name][0]].discard(name)
-        for i in list(self._fds):
-            if not self._pending[i]:
-                self._finish_shard(i)
 
     def write(self, name: str, tensor: torch.Tensor) -> bool:
         """Write ``tensor`` (CPU, contiguous, planned dtype and shape) at its place; False when its shard was
         finished by an earlier run (nothing written)."""
         i, offset, nbytes = self._where[name]
-        if i not in self._fds:
+        with self._lock:
+            fd = self._fds.get(i)
+        if fd is None:
             return False
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or \
                 tensor.numel() * tensor.element_size() != nbytes:
             raise ValueError(f"tensor {name!r} must be a contiguous CPU tensor of {nbytes} bytes")
         view, done = _byte_view(tensor), 0
         while done < nbytes:
-            done += os.pwrite(self._fds[i], view[done:], offset + done)
+            done += os.pwrite(fd, view[done:], offset + done)
         with self._lock:
             self.bytes_written += nbytes
             self._pending[i].discard(name)
-            complete = not self._pending[i]
-        if complete:
-            self._finish_shard(i)
         return True
 
-    def _finish_shard(self, i: int) -> None:
-        fname = self.plan.shards[i][0]
-        fd = self._fds.pop(i)
-        os.fsync(fd)
-        os.close(fd)
-        final = self._path_of(fname)
-        os.replace(self._path_of(f".{fname}.partial"), final)
-
     def sync(self) -> None:
-        """Make everything written so far durable (fdatasync of the open partial shards)."""
-        for fd in list(self._fds.values()):
+        """Make everything written so far durable; shards that are complete get their final names."""
+        with self._lock:
+            open_fds = dict(self._fds)
+            complete = [i for i in open_fds if not self._pending[i]]
+        for fd in open_fds.values():
             (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+        for i in complete:
+            fname = self.plan.shards[i][0]
+            with self._lock:
+                fd = self._fds.pop(i)
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(self._path_of(f".{fname}.partial"), self._path_of(fname))
+            _fsync_dir(os.path.dirname(self._path_of(fname)))
 
     def close(self) -> dict:
-        """Every tensor must have been written; writes the index (several shards) and returns it."""
+        """Sync; every tensor must have been written; writes the index (several shards) and returns it."""
         missing = [n for p in self._pending for n in p]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]!r}")
+        self.sync()
         weight_map = {name: fname for fname, entries in self.plan.shards for name, _, _ in entries}
         total = sum(n for _, _, n in self._where.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -626,7 +628,8 @@ class PlannedShardWriter:
 
     def abort(self) -> None:
         """Close the partial shards, keeping them (a resumed job continues them)."""
-        for fd in self._fds.values():
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds.clear()

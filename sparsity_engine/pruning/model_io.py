@@ -355,13 +355,16 @@ class WeightLoader:
 # --------------------------------------------------------------------------------------------- writing
 
 class BlockWriter:
-    """Write finished groups of tensors (a block, the tensors outside the blocks) on a background thread.
+    """Write finished groups of tensors (a block, the tensors outside the blocks) on background threads.
 
     ``submit(step, tensors, measure, info)``: device tensors are copied into pinned host buffers with
-    ``non_blocking`` copies queued behind the work that produced them (no host synchronisation); the thread
-    waits for the copy, counts the zeros of the tensors named in ``measure`` (the sparsity of what is written),
-    writes into the planned shards, syncs them, and calls ``on_done(step, info, measured)``. At most
-    ``depth`` groups wait, so host memory stays bounded; an error in the thread is raised by the next call.
+    ``non_blocking`` copies queued behind the work that produced them (no host synchronisation). The writer
+    thread waits for the copy, counts the zeros of the tensors named in ``measure`` (the sparsity of what is
+    written), writes them into the planned shards (page cache) and lets the buffers go; the sync thread makes
+    the writes durable, batching whatever groups are waiting (a slow disk means fewer, larger syncs, never a
+    stalled writer), and only then calls ``on_done(step, info, measured)`` for each, in order. At most
+    ``depth`` groups wait for the writer, so host memory stays bounded; an error on either thread is raised
+    by the next call.
     """
 
     def __init__(self, shards, on_done: Callable[[str, Dict[str, Any], Dict[str, float]], None], *,
@@ -369,13 +372,17 @@ class BlockWriter:
         self.shards = shards
         self.on_done = on_done
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._synced: "queue.Queue" = queue.Queue()
         self._error: Optional[BaseException] = None
-        self.seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="se-write", daemon=True)
-        self._thread.start()
+        self.seconds = 0.0          # writer thread: waiting for copies, counting, writing
+        self.sync_seconds = 0.0     # sync thread
+        self._threads = [threading.Thread(target=self._write_loop, name="se-write", daemon=True),
+                         threading.Thread(target=self._sync_loop, name="se-sync", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, step: str, tensors: Dict[str, torch.Tensor], measure: Sequence[str] = (),
-               info: Optional[Dict[str, Any]] = None, flags: Optional[torch.Tensor] = None) -> None:
+               info: Optional[Dict[str, Any]] = None) -> None:
         self._raise()
         host, event = {}, None
         for name, t in tensors.items():
@@ -395,30 +402,54 @@ class BlockWriter:
             except queue.Full:
                 self._raise()
 
-    def _run(self) -> None:
+    def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
             try:
                 if item is None:
+                    self._synced.put(None)
                     return
                 if self._error is None:
-                    self._write(*item)
+                    self._synced.put(self._write(*item))
             except BaseException as exc:   # noqa: BLE001 - raised in the job's thread by the next call
                 self._error = exc
             finally:
                 item = None                # the host copies go now, not when the next item arrives
                 self._queue.task_done()
 
-    def _write(self, step, host, event, measure, info) -> None:
+    def _write(self, step, host, event, measure, info) -> tuple:
         t0 = time.perf_counter()
         if event is not None:
             event.synchronize()
         measured = {n: 1.0 - float(torch.count_nonzero(host[n])) / max(1, host[n].numel()) for n in measure}
         for name, t in host.items():
             self.shards.write(name, t)
-        self.shards.sync()
         self.seconds += time.perf_counter() - t0
-        self.on_done(step, info, measured)
+        return step, info, measured
+
+    def _sync_loop(self) -> None:
+        while True:
+            batch = [self._synced.get()]
+            while True:                    # whatever else is already waiting joins this sync
+                try:
+                    batch.append(self._synced.get_nowait())
+                except queue.Empty:
+                    break
+            done = [b for b in batch if b is not None]
+            try:
+                if done and self._error is None:
+                    t0 = time.perf_counter()
+                    self.shards.sync()
+                    self.sync_seconds += time.perf_counter() - t0
+                    for step, info, measured in done:
+                        self.on_done(step, info, measured)
+            except BaseException as exc:   # noqa: BLE001
+                self._error = exc
+            finally:
+                for _ in batch:
+                    self._synced.task_done()
+            if len(done) < len(batch):
+                return
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -426,15 +457,17 @@ class BlockWriter:
             raise err
 
     def drain(self) -> None:
-        """Wait until everything submitted is written and marked done (raising a writer error)."""
+        """Wait until everything submitted is written, synced and marked done (raising a writer error)."""
         self._queue.join()
+        self._synced.join()
         self._raise()
 
     def close(self) -> None:
-        """Drain, then end the thread (a second call only re-raises nothing)."""
-        if self._thread.is_alive():
+        """Drain, then end the threads (a second call only re-raises nothing)."""
+        if self._threads[0].is_alive():
             self._queue.put(None)
-            self._thread.join()
+        for t in self._threads:
+            t.join()
         self._raise()
 
 

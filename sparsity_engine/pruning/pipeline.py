@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .capture import BlockInputs, capture_block_inputs, collect_hessians, move_outside_blocks, run_block
-from .layer_pruners import prune_layer
+from .layer_pruners import energy, prune_layer
 from .models import BlockLayout, find_blocks, find_linears, set_weight_out_in_, weight_out_in
 from .progress import Progress
 from .report import PhaseTimer
@@ -114,21 +114,19 @@ def _prune_one(mod: nn.Module, spec: LayerSpec, H: Optional[torch.Tensor], confi
     res = prune_layer(w, H, spec, blocksize=config.blocksize, percdamp=config.percdamp, backend=config.backend)
     finite = torch.isfinite(res.weight).all()
     if H is not None:
-        wf = w.float()
-        energy = 0.5 * ((wf @ H.float()) * wf).sum()
-        loss = res.loss.sum()
+        total, loss = energy(w, H), res.loss.sum()
     else:
-        energy = loss = None
+        total = loss = None
     set_weight_out_in_(mod, res.weight)
     zeros = (weight_out_in(mod) == 0).sum()
-    return finite, zeros, loss, energy, tuple(w.shape)
+    return finite, zeros, loss, total, tuple(w.shape)
 
 
 def _records(index: int, pending) -> List[LayerRecord]:
     """Read every layer's scalars with one transfer and check them (NaN/Inf weights stop the job here)."""
     scalars = []
-    for _, _, (finite, zeros, loss, energy, _) in pending:
-        scalars += [finite.float(), zeros.float()] + ([loss.float(), energy.float()] if loss is not None else [])
+    for _, _, (finite, zeros, loss, total, _) in pending:
+        scalars += [finite.float(), zeros.float()] + ([loss.float(), total.float()] if loss is not None else [])
     values = torch.stack(scalars).tolist() if scalars else []
     out, k = [], 0
     for name, spec, (_, _, loss, _, shape) in pending:
@@ -144,6 +142,23 @@ def _records(index: int, pending) -> List[LayerRecord]:
         out.append(LayerRecord(index, name, spec.method, spec.target(), shape, zeros / (shape[0] * shape[1]),
                                loss_v, rel))
     return out
+
+
+def auto_batch_size(layout: BlockLayout, seqlen: int, nsamples: int, device: torch.device) -> int:
+    """Sequences per forward when none is given: 8 on the CPU; on a GPU the largest power of two up to 32 whose
+    activations inside a block (~1.5 x seqlen x the sum of the block's linear outputs, per sequence) take at
+    most a tenth of the GPU's memory. Larger batches mean fewer, larger kernels; the result changes only
+    rounding (the Hessian is an average over the same samples)."""
+    if device.type != "cuda":
+        return min(8, nsamples)
+    outs = sum(weight_out_in(m).shape[0] for m in find_linears(layout.blocks[0]).values())
+    elem = next(iter(layout.blocks[0].parameters())).element_size()
+    per_sample = 1.5 * seqlen * outs * elem
+    budget = torch.cuda.get_device_properties(device).total_memory / 10
+    b = 32
+    while b > 1 and b * per_sample > budget:
+        b //= 2
+    return max(1, min(b, nsamples))
 
 
 def needs_calibration(model: nn.Module, layout: BlockLayout, config: PruneConfig) -> bool:
@@ -171,8 +186,9 @@ def prune_model(model: nn.Module, calib_ids: Optional[torch.Tensor], config: Pru
     calibrate = measure or needs_calibration(model, layout, config)
     if calibrate and calib_ids is None:
         raise ConfigError("calib_ids are needed: a method other than magnitude reads activations")
-    inputs = capture_block_inputs(model, layout, calib_ids, device=device, batch_size=config.batch_size) \
-        if calibrate else None
+    batch = config.batch_size or (auto_batch_size(layout, calib_ids.shape[1], calib_ids.shape[0], device)
+                                  if calibrate else 1)
+    inputs = capture_block_inputs(model, layout, calib_ids, device=device, batch_size=batch) if calibrate else None
     records: List[LayerRecord] = []
     bar = progress.bar(len(layout), "blocks")
     try:
@@ -245,14 +261,15 @@ def run_prune_job(model_dir: str, out_dir: str, config: PruneConfig, *, calib: O
     settings = jobstate.prune_settings(config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                        dtype=folder.dtype, max_shard_bytes=max_shard_bytes)
     inputs = {"model folder": folder.path, **({"calibration file": calib} if calib else {})}
-    runtime = {"device": str(dev), "backend": config.backend, "batch_size": config.batch_size}
+    batch = config.batch_size or auto_batch_size(layout, seqlen, nsamples, dev)
+    runtime = {"device": str(dev), "backend": config.backend, "batch_size": batch}
     job = jobstate.open_prune_job(out_dir, settings, inputs, runtime, resume=resume, overwrite=overwrite)
     with job:
         if job.finished:
             progress.write(f"{job.out_dir} already holds this finished job; nothing to do")
             return jobstate.finished_result(job, REPORT_JSON)
         run = _StreamingRun(job, folder, skeleton, layout, tensors, config, dev, progress,
-                            max_shard_bytes=max_shard_bytes, convert_dtype=dtype != "auto")
+                            max_shard_bytes=max_shard_bytes, convert_dtype=dtype != "auto", batch_size=batch)
         report = run.run(ids, eval_ids)
         report["settings"] = {**settings, **runtime, "model_dir": folder.path, "calib": calib,
                               "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
@@ -266,13 +283,13 @@ class _StreamingRun:
     """The streaming engine of :func:`run_prune_job` (one object per run, so the loop reads plainly)."""
 
     def __init__(self, job, folder, skeleton, layout, tensors, config: PruneConfig, device: torch.device,
-                 progress: Progress, *, max_shard_bytes: int, convert_dtype: bool):
+                 progress: Progress, *, max_shard_bytes: int, convert_dtype: bool, batch_size: int):
         from ..io import PlannedShardWriter, ShardPlan
         from .model_io import OUTSIDE, BlockWriter, WeightLoader
 
         self.job, self.folder, self.model, self.layout, self.tensors = job, folder, skeleton, layout, tensors
         self.config, self.device, self.progress = config, device, progress
-        self.convert_dtype = convert_dtype
+        self.convert_dtype, self.batch_size = convert_dtype, batch_size
         self.nblocks = len(layout)
         self.block_names = [tensors.under(layout.block_name(i)) for i in range(self.nblocks)]
         self.outside = tensors.outside(layout)
@@ -335,7 +352,7 @@ class _StreamingRun:
                                          t.to(self.tensors.dtype_of(n)) for n, t in outside_host.items()})
         del outside_host
         nxt = self._submit_block(0, own)
-        batch = cfg.batch_size
+        batch = self.batch_size
         inputs = capture_block_inputs(self.model, self.layout, ids, device=dev, batch_size=batch, move=False) \
             if ids is not None else None
         evals = None

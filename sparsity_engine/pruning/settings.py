@@ -138,8 +138,9 @@ def check_blocksize_fits(blocksize: int, pattern: Optional[NMPattern], where: st
 class PruneConfig:
     """What to prune and how. ``pattern`` (N:M, keep N of every M) overrides ``sparsity``; ``overrides`` maps a
     layer-name pattern (fnmatch, or a name suffix) to a target such as '0.3', '2:4' or 'wanda:0.6' (first match
-    wins; a target of 0 skips the layer); ``skip`` patterns are never pruned. ``batch_size`` and ``backend``
-    change only rounding; everything else changes the output (:meth:`output_settings`)."""
+    wins; a target of 0 skips the layer); ``skip`` patterns are never pruned. ``batch_size`` (None: chosen from
+    the device's memory) and ``backend`` change only rounding; everything else changes the output
+    (:meth:`output_settings`)."""
 
     method: str = "sparsegpt"
     sparsity: float = 0.5
@@ -148,7 +149,7 @@ class PruneConfig:
     skip: Tuple[str, ...] = DEFAULT_SKIP
     blocksize: int = 128
     percdamp: float = 0.01
-    batch_size: int = 8
+    batch_size: Optional[int] = 8
     backend: Optional[str] = None
 
     def __post_init__(self):
@@ -158,7 +159,8 @@ class PruneConfig:
         self.pattern = as_pattern(self.pattern)
         self.blocksize = _checked(check_int, "blocksize", self.blocksize, minimum=1)
         self.percdamp = check_percdamp(self.percdamp)
-        self.batch_size = _checked(check_int, "batch_size", self.batch_size, minimum=1)
+        if self.batch_size is not None:
+            self.batch_size = _checked(check_int, "batch_size", self.batch_size, minimum=1)
         self.skip = tuple(self.skip)
         self.overrides = [tuple(o) for o in self.overrides]
         self._override_specs = [(pat, parse_target(t, self.method)) for pat, t in self.overrides]
