@@ -24,6 +24,7 @@ def deep_model(tmp_path_factory):
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "model", safe_serialization=True)
     ids = torch.randint(0, VOCAB, (6, 16))
     torch.save(ids, root / "ids.pt")
+    torch.save(torch.randint(0, VOCAB, (200,)), root / "eval_ids.pt")     # one stream of 200 tokens
     return str(root / "model"), str(root / "ids.pt")
 
 
@@ -82,3 +83,40 @@ def test_report_has_phases_per_block_memory_and_bytes(streamed):
     header = sum(8 + int.from_bytes(open(f, "rb").read(8), "little") for f in shards)
     assert report["io"]["bytes_written"] == sum(f.stat().st_size for f in shards) - header
     assert report["files"]["weights"]["metadata"]["total_size"] == report["io"]["bytes_written"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offload", [False, True])
+def test_streaming_on_the_gpu_equals_the_in_memory_pipeline(deep_model, tmp_path, monkeypatch, offload):
+    """Pinned buffers, non-blocking copies, the background writer and (offload) activations kept in pinned
+    host memory: the reference backend makes every product deterministic, so the outputs must be equal."""
+    model_dir, ids_path = deep_model
+    if offload:
+        monkeypatch.setattr(pipeline._StreamingRun, "ACTIVATIONS_ON_GPU", 0.0)
+    out = tmp_path / "out"
+    res = pipeline.run_prune_job(model_dir, str(out), PruneConfig(**CONFIG), calib=ids_path, nsamples=6, seqlen=16,
+                                 device="cuda", evaluate=True, eval_text=ids_path.replace("ids.pt", "eval_ids.pt"),
+                                 eval_seqlen=16)
+    assert res.report["memory"]["peak_gpu_bytes"] > 0
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
+    ids = calibration.calibration_ids(ids_path, None, nsamples=6, seqlen=16, seed=0, vocab_size=VOCAB)
+    pipeline.prune_model(model, ids, PruneConfig(**CONFIG), device="cuda")
+    written = SafetensorsReader(str(out))
+    sd = model.state_dict()
+    for k in written.keys():
+        assert torch.equal(written.get(k), sd[k].cpu()), k
+    ev = res.report["eval"]
+    assert ev["dense"]["windows"] == 12 and ev["pruned"]["perplexity"] > 0
+
+
+@pytest.mark.cuda
+def test_streaming_on_the_gpu_with_the_fast_backends(deep_model, tmp_path):
+    model_dir, ids_path = deep_model
+    out = tmp_path / "out"
+    res = pipeline.run_prune_job(model_dir, str(out), PruneConfig(method="sparsegpt", pattern="2:4"), calib=ids_path,
+                                 nsamples=6, seqlen=16, device="cuda")
+    written = SafetensorsReader(str(out))
+    for r in res.report["layers"]:
+        w = written.get(r["name"] + ".weight")
+        assert r["sparsity"] == pytest.approx(float((w == 0).double().mean()))
+        assert int((w != 0).reshape(w.shape[0], -1, 4).sum(-1).max()) <= 2

@@ -411,6 +411,9 @@ class _StreamingRun:
             return self.loader.submit(self.block_names[i], reader=own, sources={n: n for n in self.block_names[i]})
         return self.loader.submit(self.block_names[i])
 
+    # the share of the GPU's memory that calibration (and eval) activations may take and stay there
+    ACTIVATIONS_ON_GPU = 0.25
+
     def _place_activations(self, inputs: Optional[BlockInputs], evals) -> None:
         """Calibration (and eval) activations stay on the GPU when together they take at most a quarter of its
         memory; otherwise they move to pinned host memory and travel one batch at a time."""
@@ -418,7 +421,7 @@ class _StreamingRun:
             return
         sets = [x for x in [inputs] + (evals.inputs() if evals is not None else []) if x is not None]
         total = sum(x.nbytes for x in sets)
-        if total > torch.cuda.get_device_properties(self.device).total_memory // 4:
+        if total > torch.cuda.get_device_properties(self.device).total_memory * self.ACTIVATIONS_ON_GPU:
             for x in sets:
                 x.move_to_host()
             self.progress.write(f"calibration activations ({total / 1e9:.1f} GB) do not fit a quarter of the GPU: "
