@@ -38,7 +38,7 @@ import json
 import os
 import re
 import threading
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .atomic import PathLike, write_json_atomic
 

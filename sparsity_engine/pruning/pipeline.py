@@ -18,12 +18,10 @@ The job folder follows :mod:`sparsity_engine.io.jobdir` (resume, overwrite, fail
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -339,7 +337,7 @@ class _StreamingRun:
     def run(self, ids: Optional[torch.Tensor], eval_ids: Optional[torch.Tensor]) -> Dict[str, Any]:
         from .model_io import OUTSIDE, move_buffers
 
-        dev, cfg = self.device, self.config
+        dev = self.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()

@@ -2,7 +2,6 @@
 a summary, and the PNG plot (per-layer error, per-block time by phase)."""
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
@@ -154,7 +153,3 @@ def final_line(report: Dict[str, Any]) -> str:
 
 def device_memory_peak(device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def relpath(path: str, start: str) -> str:
-    return os.path.relpath(path, start)
