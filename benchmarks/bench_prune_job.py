@@ -173,6 +173,8 @@ def main() -> None:
     if args.quick:
         args.nsamples, args.seqlen, args.eval_windows = 4, 32, 2
     os.makedirs(args.workdir, exist_ok=True)
+    usage = shutil.disk_usage(args.workdir)
+    print(f"workdir {args.workdir}: {usage.free / GB:.0f} GB free of {usage.total / GB:.0f} GB", flush=True)
     common = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", device]
     if args.batch_size:
         common += ["--batch-size", str(args.batch_size)]
