@@ -405,7 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(fn, args) -> int:
-    from .io import JobFolderError
+    from .io import JobFolderError, SafetensorsFileError
     from .pruning.calibration import CalibrationError
     from .pruning.settings import ConfigError, InputError
 
@@ -414,8 +414,8 @@ def _run(fn, args) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    except (InputError, JobFolderError, CalibrationError, FileNotFoundError, NotADirectoryError,
-            FileExistsError) as exc:
+    except (InputError, JobFolderError, CalibrationError, SafetensorsFileError, FileNotFoundError,
+            NotADirectoryError, FileExistsError) as exc:
         _err(str(exc))
         return EXIT_INPUT
     except KeyboardInterrupt:

@@ -357,3 +357,25 @@ def test_demo_output_folder_is_git_ignored():
     default = build_parser().parse_args(["demo"]).out
     lines = [ln.strip().strip("/") for ln in open(os.path.join(root, ".gitignore"))]
     assert default in lines
+
+
+def test_resume_after_every_block_was_done_runs_no_block_again(llama, tmp_path, monkeypatch):
+    """Killed after the last block was on disk but before the job finished: the resume only finishes it."""
+    out = tmp_path / "out"
+    real_finish = pipeline._StreamingRun._copy_files
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._StreamingRun, "_copy_files", killed)
+    assert main(prune_args(llama, out)) == 130
+    assert json.loads((out / JOB_FILE).read_text())["finished"] is False
+    monkeypatch.setattr(pipeline._StreamingRun, "_copy_files", real_finish)
+
+    def forbidden(*a, **k):
+        raise AssertionError("no block needs to run again")
+
+    monkeypatch.setattr(pipeline, "run_block", forbidden)
+    monkeypatch.setattr(pipeline, "prune_block", forbidden)
+    assert main(prune_args(llama, out, "--resume")) == EXIT_OK
+    assert load(str(out)) is not None and json.loads((out / JOB_FILE).read_text())["finished"] is True

@@ -349,10 +349,13 @@ class _StreamingRun:
             self.writer.submit(OUTSIDE, {n: t if t.dtype == self.tensors.dtype_of(n) else
                                          t.to(self.tensors.dtype_of(n)) for n, t in outside_host.items()})
         del outside_host
-        nxt = self._submit_block(0, own)
+        # blocks before self.start are only replayed to rebuild the next block's inputs (and the eval's): when
+        # every block is already done and there is no eval, nothing needs to run
+        first = 0 if eval_ids is not None or self.start < self.nblocks else self.nblocks
+        nxt = self._submit_block(first, own) if first < self.nblocks else None
         batch = self.batch_size
         inputs = capture_block_inputs(self.model, self.layout, ids, device=dev, batch_size=batch, move=False) \
-            if ids is not None else None
+            if ids is not None and first < self.nblocks else None
         evals = None
         if eval_ids is not None:
             from .evaluate import PerplexityPair
@@ -364,9 +367,9 @@ class _StreamingRun:
         if self.start:
             self.progress.write(f"resuming: blocks 0-{self.start - 1} already pruned, continuing at block "
                                 f"{self.start}")
-        bar = self.progress.bar(self.nblocks, "blocks", initial=0)
+        bar = self.progress.bar(self.nblocks, "blocks", initial=first)
         try:
-            for i in range(self.nblocks):
+            for i in range(first, self.nblocks):
                 block = self.layout.blocks[i]
                 t_read = time.perf_counter()
                 dense = None
