@@ -14,6 +14,9 @@ pre-tokenised calibration ids (128 x 2048) and evaluation ids, then times, each 
   blocks (default 4), so that model is written with that many blocks and pruned; the whole job is
   extrapolated as (measured wall - measured block time) + 80 x median block time, and marked so.
 
+Before each size a 1-block model of the same shape is pruned once (untimed, reported as the warm-up row) so that
+Triton's kernels for these shapes are compiled and cached; ``--no-warmup`` times a first run instead.
+
 Sizes: 7b (32 blocks, 4096 / 11008, 13.5 GB), 13b (40 blocks, 5120 / 13824, 26 GB), 70b (see above). Each
 model and output is deleted after its size is done (the disk is 64 GB), unless ``--keep``. Expected times on
 one H100 (page cache warm, i.e. the model was just written; ``--cold`` evicts it first with posix_fadvise):
@@ -164,6 +167,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.environ.get("SE_BENCH_WORK", "/tmp/se_prune_job"))
     ap.add_argument("--cold", action="store_true", help="evict the model from the page cache before each run")
     ap.add_argument("--keep", action="store_true", help="keep models and outputs")
+    ap.add_argument("--no-warmup", action="store_true", help="no 1-block run of each shape first (so the timed run "
+                    "includes Triton compiling its kernels, as a first run on a new machine does)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     args = ap.parse_args()
     if not os.environ.get("SE_BENCH_OUT") and os.environ.get("OUT"):
@@ -197,6 +202,14 @@ def main() -> None:
             shutil.rmtree(model, ignore_errors=True)
             write_model(model, shape, blocks, vocab, device, dtype=torch.float32 if args.quick else torch.bfloat16)
         write_s = time.perf_counter() - t0
+        if not args.no_warmup:               # Triton compiles its kernels for these shapes once, here
+            warm = model + "_warmup"
+            write_model(warm, shape, 1, vocab, device, dtype=torch.float32 if args.quick else torch.bfloat16)
+            res = prune(warm, warm + "_out", ids, common, os.path.join(args.workdir, f"warmup_{size}.log"))
+            report.add(run=f"warm-up {size} (1 block; kernels compile)", blocks=1, rc=res["rc"], wall_s=res["wall_s"],
+                       peak_rss_bytes=res["peak_rss_bytes"])
+            shutil.rmtree(warm, ignore_errors=True)
+            shutil.rmtree(warm + "_out", ignore_errors=True)
         if args.cold:
             evict(model)
         print(f"[{size}] model with {blocks} blocks ready in {write_s:.1f}s; pruning", flush=True)
