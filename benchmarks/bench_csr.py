@@ -17,10 +17,10 @@ Grid: W [N, K] in {4096x4096, 11008x4096, 4096x11008, 28672x8192} x {bf16, fp16}
 Times (microseconds) are medians over CUDA events around single calls, the L2 cache flushed before each
 call by READING a 256 MB buffer (so a 6 MB weight is not served from the 50 MB L2). triton's do_bench
 flushes by WRITING zeros instead, which leaves dirty lines in L2 that the timed call pays to write back
-(H100, 4096x4096 bf16, batch 1: dense 23.0 us under do_bench vs 19.1 us here), and its few-repetition
+(it made dense GEMVs look ~20% slower than they are), and its few-repetition
 medians of slow calls were noisy in our runs; its medians are recorded too at batch 1 (``*_dobench_us``).
 
-    python benchmarks/bench_csr.py            # GPU, the grid above (~3 min on an H100)
+    python benchmarks/bench_csr.py            # GPU, the grid above (minutes)
     python benchmarks/bench_csr.py --shapes 11008x4096 --sparsities 0.8,0.9 --batches 1,16 --dtypes bfloat16
     python benchmarks/bench_csr.py --quick    # tiny sizes, CPU smoke test
 """

@@ -122,53 +122,42 @@ def per_tensor(report, shapes, device, bw, methods):
 
 
 def breakdown(report, shape, device):
-    """Where a TIES merge spends its time: the radix select (histogram passes) and the fused pass."""
+    """Where a merge spends its GPU time: the band edges (masks.select_edges per backend), the fused pass,
+    DARE's passes, DELLA's task vectors."""
+    from sparsity_engine.ops import masks
     from sparsity_engine.ops.merge import triton as mt
 
     base = torch.randn(shape, device=device, dtype=torch.bfloat16)
     ts = [(base.float() + 0.01 * torch.randn(shape, device=device)).to(torch.bfloat16) for _ in range(N_MODELS)]
     k = int(0.3 * base.numel())
-
-    def select(selector):
-        plan = mt._Plan(base, ts)
-        plan.select_bands([(0, k)] * N_MODELS, selector=selector)
-        plan._pack()  # the Triton select leaves the edges on the host: count their upload
-        return plan
-
-    try:
-        plan = select("cuda")
-    except Exception as exc:  # no extension here (a CPU smoke run): time the Triton-selected plan
-        print(f"select cuda: {exc!r}", flush=True)
-        plan = select("triton")
+    sh = "x".join(map(str, shape))
+    rows = [(i, k, False) for i in range(N_MODELS)]
+    for backend, label in (("triton", "Triton select_edges, 2 passes of 8-bit digits per model"),
+                           ("cuda", "CUDA masks_select.cu, 2 passes of 8-bit digits, all models per pass")):
+        try:
+            ms = bench(lambda: masks.select_edges(ts, base, rows, magnitude=True, backend=backend))
+            report.add(op=f"TIES part: radix select ({label})", shape=sh, ms=ms)
+        except Exception as exc:  # no extension here: the other rows still count
+            print(f"select {backend}: {exc!r}", flush=True)
+    weights = [1.0] * N_MODELS
+    plan = mt._Plan(base, ts, weights)
+    plan.select_bands([(0, k)] * N_MODELS, later_first=False, backend=None)
     out = torch.empty_like(base)
     fused = lambda: plan.launch(out, spars=mt.SPARS_BAND, consensus="sum", normalize=True, rescale_norm=None,  # noqa: E731
-                                lambda_=1.0, phase=1)
-    dare = mt._Plan(base, ts)
-    dare.set(dens=[0.3] * N_MODELS, seeds=[1, 2])
+                                lambda_=1.0, phase=mt.PHASE_MERGE)
+    dare = mt._Plan(base, ts, weights, dens=[0.3] * N_MODELS)
+    dare.seeds = torch.tensor([1, 2], dtype=torch.int32, device=device)
     dare_pass = lambda: dare.launch(out, spars=mt.SPARS_RANDOM, consensus="sum", normalize=False,  # noqa: E731
-                                    rescale_norm=None, lambda_=1.0, phase=1)
-    sh = "x".join(map(str, shape))
-    for selector, label in (("triton", "Triton, 3 passes of 5-bit digits + host"),
-                            ("cuda", "CUDA select.cu, 2 passes of 8-bit digits")):
-        try:
-            report.add(op=f"TIES part: radix select ({label})", shape=sh, ms=bench(lambda: select(selector)))
-        except Exception as exc:  # no extension here: the other rows still count
-            print(f"select {selector}: {exc!r}", flush=True)
+                                    rescale_norm=None, lambda_=1.0, phase=mt.PHASE_MERGE)
     report.add(op="TIES part: fused merge pass", shape=sh, ms=bench(fused))
     report.add(op="DARE-TIES part: fused merge pass (in-kernel Philox)", shape=sh, ms=bench(dare_pass))
-    NP = 4
-    parts = torch.empty((dare.nblocks, 2, NP), dtype=torch.float32, device=device)
+    parts = torch.empty((dare.nblocks, 2, 4), dtype=torch.float32, device=device)
     dare_norms = lambda: dare.launch(None, spars=mt.SPARS_RANDOM, consensus=None, normalize=False,  # noqa: E731
-                                     rescale_norm="l1", lambda_=1.0, phase=0, norms=parts)
+                                     rescale_norm="l1", lambda_=1.0, phase=mt.PHASE_NORMS, norms=parts)
     report.add(op="DARE-TIES part: l1 norms pass (phase 0)", shape=sh, ms=bench(dare_norms))
     try:
-        from sparsity_engine.ops.masks import cuda as mc
-
-        outs = torch.empty((N_MODELS,) + tuple(shape), dtype=base.dtype, device=device)
-        rows = torch.empty((base.numel() // shape[-1], 2, NP), dtype=torch.float32, device=device)
-        flag = torch.zeros(1, dtype=torch.int32, device=device)
-        della = lambda: mc.della_deltas(ts, base, list(outs), [0.2] * N_MODELS, [0.2] * N_MODELS,  # noqa: E731
-                                        [1, 2, 3], 7, 1, rows, flag)
+        della = lambda: masks.della_deltas(base, ts, [0.3] * N_MODELS, [0.1] * N_MODELS, [1, 2, 3],  # noqa: E731
+                                           [True] * N_MODELS, "l1", backend="cuda")
         report.add(op="DELLA part: task vectors, ranks, draw, l1 terms (della_deltas kernel)", shape=sh,
                    ms=bench(della))
     except Exception as exc:  # no extension here: the other rows still count
@@ -205,8 +194,8 @@ def whole_model(report, device, *, hidden, inter, vocab, layers, total_layers):
     other = [k for k in shapes if k not in layer_names]
 
     def timed(fn, reps=5):
-        """Wall times (ms) of ``reps`` runs, sorted. The median is reported: ours is bound by host (Python) time
-        on some lent machines, which varies from run to run by up to 1.5x (H200, 2026-12-02)."""
+        """Wall times (ms) of ``reps`` runs, sorted. The median is reported: host (Python) time varies from run to
+        run on shared machines."""
         times = []
         for _ in range(reps):
             if torch.cuda.is_available():
@@ -219,32 +208,37 @@ def whole_model(report, device, *, hidden, inter, vocab, layers, total_layers):
             del out
         return sorted(times)
 
-    for method in ("ties", "dare_ties", "della"):
-        def ours(names):
-            return merge_state_dicts(base, fts, WEIGHTS, method=method, density=0.3, epsilon=0.1, names=names,
-                                     out_device=None)
+    # out_device None: merged tensors stay on the GPU (the kernels and their host time); "cpu": each merged tensor
+    # is copied to the host as merge_safetensors does before writing it (the user path, minus the disk)
+    for out_device in (None, "cpu"):
+        for method in ("ties", "dare_ties", "della"):
+            def ours(names):
+                return merge_state_dicts(base, fts, WEIGHTS, method=method, density=0.3, epsilon=0.1, names=names,
+                                         out_device=out_device)
 
-        def anchor(names):
-            return {k: mergekit_path(base[k], [f[k] for f in fts], WEIGHTS, method) for k in names}
+            def anchor(names):
+                return {k: mergekit_path(base[k], [f[k] for f in fts], WEIGHTS, method).to(out_device or device)
+                        for k in names}
 
-        row = dict(op=f"whole-model {method}", layers_measured=layers)
-        for label, fn in (("ours", ours), ("mergekit", anchor)):
-            try:
-                fn(layer_names[:9])  # warm-up: compiles kernels, fills the allocator
-                fn(other)
-                t_layers = timed(lambda: fn(layer_names))
-                t_other = timed(lambda: fn(other))
-            except Exception as exc:
-                print(f"whole-model {method} {label} failed: {exc!r}", flush=True)
-                t_layers = t_other = [float("nan")] * 5
-            med = lambda v: v[len(v) // 2]  # noqa: E731
-            row[f"{label}_subset_ms"] = med(t_layers) + med(t_other)
-            row[f"{label}_subset_range_ms"] = f"{t_layers[0] + t_other[0]:.1f}-{t_layers[-1] + t_other[-1]:.1f}"
-            row[f"{label}_7B_est_s"] = (med(t_layers) / layers * total_layers + med(t_other)) / 1e3
-        row["speedup"] = row["mergekit_7B_est_s"] / row["ours_7B_est_s"]
-        row["note"] = (f"median of 5; extrapolated: {layers} of {total_layers} decoder layers measured (+ embeddings, "
-                       "head, norm)")
-        report.add(**row)
+            suffix = "" if out_device is None else " -> cpu"
+            row = dict(op=f"whole-model {method}{suffix}", layers_measured=layers)
+            for label, fn in (("ours", ours), ("mergekit", anchor)):
+                try:
+                    fn(layer_names[:9])  # warm-up: compiles kernels, fills the allocator
+                    fn(other)
+                    t_layers = timed(lambda: fn(layer_names))
+                    t_other = timed(lambda: fn(other))
+                except Exception as exc:
+                    print(f"whole-model {method} {label} failed: {exc!r}", flush=True)
+                    t_layers = t_other = [float("nan")] * 5
+                med = lambda v: v[len(v) // 2]  # noqa: E731
+                row[f"{label}_subset_ms"] = med(t_layers) + med(t_other)
+                row[f"{label}_subset_range_ms"] = f"{t_layers[0] + t_other[0]:.1f}-{t_layers[-1] + t_other[-1]:.1f}"
+                row[f"{label}_7B_est_s"] = (med(t_layers) / layers * total_layers + med(t_other)) / 1e3
+            row["speedup"] = row["mergekit_7B_est_s"] / row["ours_7B_est_s"]
+            row["note"] = (f"median of 5; extrapolated: {layers} of {total_layers} decoder layers measured "
+                           "(+ embeddings, head, norm)")
+            report.add(**row)
 
 
 def main(argv=None):
@@ -252,11 +246,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
     parser.add_argument("--skip-whole", action="store_true")
     parser.add_argument("--skip-tensors", action="store_true", help="only the whole-model merge")
+    parser.add_argument("--shapes", help="comma-separated ROWSxCOLS for the per-tensor rows (GPU run)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     methods = [("TIES", "ties", {}), ("DARE-TIES (l1 rescale)", "dare_ties", {}),
                ("DARE-TIES (no rescale)", "dare_ties", {"rescale": False}), ("DELLA", "della", {})]
     shapes = [(67, 45), (128, 96)] if args.quick else [(11008, 4096), (28672, 8192)]
+    if args.shapes and not args.quick:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bw = copy_bandwidth(device)
     report = Report("merge", "fused GTA merges (3 models, bf16) vs mergekit's torch path; whole-model merge")
     parts = Report("merge_breakdown", "TIES / DARE-TIES / DELLA kernels alone (bf16, 3 models)")

@@ -116,9 +116,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ref-reps", type=int, default=1)
     ap.add_argument("--sweep", action="store_true", help="also time other (rows per program, warps) tiles")
+    ap.add_argument("--shapes", help="comma-separated ROWSxCOLS (default: the LLM shapes above)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the CUDA-time breakdown (profiler)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = QUICK_SHAPES if args.quick or device == "cpu" else SHAPES
+    if args.shapes and not args.quick:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     from sparsity_engine.ops.obs import triton as obs_triton
 
     report = Report("sparsegpt", "SparseGPT prune: triton vs reference (published loop); bf16 weights")
@@ -166,7 +170,7 @@ def main():
     report.save()
     if device == "cuda" and args.sweep:
         sweep_tiles(shapes)
-    if device == "cuda":
+    if device == "cuda" and not args.no_breakdown:
         for (rows, cols) in (shapes[0], shapes[-1]):
             W, H = make_inputs(rows, cols, device)
             for pname, kw in PATTERNS.items():

@@ -13,13 +13,13 @@
 // The next tile's entries are requested before the current tile's MMAs, so one load is in flight per warp
 // while it computes, with 24 warps per SM.
 //
-// What bounds it (ncu, H200, 2026-12-02): shared memory. Per tile the zeroing, the A and B ldmatrix reads and
+// What bounds it (ncu): shared memory. Per tile the zeroing, the A and B ldmatrix reads and
 // the scatter cost ~140 shared-memory wavefronts whatever the sparsity (L1/shared throughput 65-77%); the
 // time is nearly flat from 90% to 70% sparsity. A variant that streamed each band's entries through a
-// cp.async ring in shared memory (more bytes in flight, 2 blocks per SM) was 5-35% slower: more shared
+// cp.async ring in shared memory (more bytes in flight, 2 blocks per SM) measured slower: more shared
 // traffic, fewer warps. So was one with two bands per warp (each B fragment feeding two MMAs: a quarter less
-// shared traffic, but 2 blocks per SM instead of 3): 5-30% slower at 4-16 tokens. And four blocks per SM
-// (64 registers, 256-column slices of x): -9% to +8% by shape, no better on average.
+// shared traffic, but 2 blocks per SM instead of 3). Four blocks per SM (64 registers, 256-column slices of
+// x) was no better on average (BENCHMARKS.md, CSR linear).
 //
 // A block is 8 warps = 8 consecutive bands over one range of K; its tokens' activations are staged in
 // shared memory one slice of K (512/256/128 columns for 8-16/32/64 tokens) at a time with cp.async, double

@@ -1,4 +1,5 @@
-// Python bindings of the mask kernels (csrc/masks.cu, csrc/masks_della.cu); see sparsity_engine/ops/masks/cuda.py.
+// Python bindings of the mask kernels (csrc/masks.cu, csrc/masks_della.cu, csrc/masks_select.cu); see
+// sparsity_engine/ops/masks/cuda.py.
 #include <cstdint>
 #include <vector>
 
@@ -16,6 +17,13 @@ void masks_della_deltas(const std::vector<uintptr_t>& inputs, const std::vector<
                         int64_t rows, int64_t n, const std::vector<double>& lo, const std::vector<double>& span,
                         const std::vector<int64_t>& seeds, int active, int norm, uintptr_t parts, int np,
                         uintptr_t bad, int dtype, uintptr_t stream);
+void masks_select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t n,
+                        const std::vector<int>& row_input, const std::vector<int64_t>& row_rank,
+                        const std::vector<int>& row_later_first, const std::vector<int>& row_slot, int mode,
+                        int dtype, uintptr_t state, uintptr_t hist, uintptr_t chunk_counts, int64_t chunk,
+                        uintptr_t out_k, uintptr_t out_j, int k_shift, uintptr_t stream);
+void masks_select_write(uintptr_t x, uintptr_t out, int64_t n, int mode, int values, int dtype, uintptr_t edge_k,
+                        uintptr_t edge_j, uintptr_t bad_flag, uintptr_t stream);
 
 SE_BINDINGS(masks) {
   m.def("masks_nm_mask", &masks_nm_mask,
@@ -34,4 +42,15 @@ SE_BINDINGS(masks) {
         "parts ptr, np, bad ptr, dtype code (kF16/kBF16), stream");
   m.def("masks_della_max_cols", &masks_della_max_cols, "longest row masks_della_probs accepts for a dtype code");
   m.def("masks_nm_mask_max_m", &masks_nm_mask_max_m, "largest group size m masks_nm_mask accepts");
+  m.def("masks_select_edges", &masks_select_edges,
+        "Radix select of band edges over whole tensors: per row, the key K of the entry at 1-based position p "
+        "(row_rank) of the descending key order and the flat index J that splits its ties; writes K >> k_shift "
+        "and J to out_k / out_j (int32) at the row's slot. args: input ptrs, base ptr (0: none), n, row_input, "
+        "row_rank, row_later_first, row_slot, mode (0 magnitude, 1 order), dtype code, state ptr (int64 "
+        "[rows, 4], scratch), hist ptr (uint32 [rows, 256], scratch: zeroed here), chunk_counts ptr (uint32 "
+        "[rows, nchunks, 256]), chunk, out_k ptr, out_j ptr, k_shift, stream");
+  m.def("masks_select_write", &masks_select_write,
+        "Write one edge's mask (int8) or masked values: keep = key > K or (key == K and index < J); args: x ptr, "
+        "out ptr, n, mode, values (0/1), dtype code, K ptr (int32), J ptr (int32), bad flag ptr (int32, set to 1 "
+        "if x holds NaN/Inf; 0: no check), stream");
 }

@@ -10,7 +10,7 @@
 //      bins are cleared and scanned, zeros rank below them (RowHist);
 //   2. a shared-memory histogram, two 16-bit counters per 32-bit word (n <= 65535, so a counter never carries
 //      into its neighbour), built with shared atomics (warp-aggregating lanes of equal keys with
-//      __match_any_sync was tried: 1.7x slower on random rows, 3% faster on bf16 task vectors, H200 2026-12-02);
+//      __match_any_sync was tried: much slower on random rows, barely faster on bf16 task vectors);
 //   3. an exclusive prefix sum over the bins (each thread a contiguous run of words, conflict free), so
 //      bin b holds below(b) and bin b + 1 holds below(b) + equal(b);
 //   4. p from the two prefixes, written as fp32.

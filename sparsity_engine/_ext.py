@@ -75,11 +75,6 @@ def stream_ptr(t: torch.Tensor) -> int:
     return raw_stream(t.device.index)
 
 
-def loaded_extension() -> Optional[ModuleType]:
-    """The extension if this process has loaded it already, else None (never builds: for optional speed-ups)."""
-    return _module
-
-
 def source_dir() -> Optional[str]:
     """csrc/ of a source checkout (editable install), else the copy shipped in the wheel; None if neither."""
     for candidate in (os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc"), os.path.join(_PACKAGE_DIR, "_csrc")):

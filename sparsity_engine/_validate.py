@@ -5,14 +5,10 @@ Type problems raise TypeError, value problems ValueError (both subclasses of wha
 from __future__ import annotations
 
 import math
-import threading
-from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
-
-from . import _staging
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -55,6 +51,26 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     bad = int((~torch.isfinite(t)).sum().item())
     if bad:
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s) out of {t.numel()}; it must be finite")
+
+
+def finite_amax(name: str, t: torch.Tensor) -> float:
+    """max |t| (0 for an empty tensor), after checking that t is finite: one reduction and one host read, the
+    cost of check_finite; ops use the bound to rule out an overflow of their result without another pass."""
+    if t.numel() == 0:
+        return 0.0
+    amax = float(torch.linalg.vector_norm(t.detach(), ord=float("inf")))
+    if not math.isfinite(amax):
+        check_finite(name, t)
+    return amax
+
+
+def check_result(op: str, out: torch.Tensor, why: str) -> torch.Tensor:
+    """Raise ValueError if ``out`` (the result of ``op`` on finite inputs) holds Inf/NaN: it overflowed its dtype.
+    One reduction and one host read; ``why`` says which arguments drove it there."""
+    if out.numel() and out.is_floating_point():
+        if not math.isfinite(float(torch.linalg.vector_norm(out.detach(), ord=float("inf")))):
+            raise ValueError(f"{op}: the result overflows {str(out.dtype).replace('torch.', '')} ({why})")
+    return out
 
 
 def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -126,45 +142,17 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-# ---------------------------------------------------------------- checks flagged by kernels on the device
-
-_DEFERRED = threading.local()
-
-
-@contextmanager
-def deferred_device_checks() -> Iterator[List[Callable[[], None]]]:
-    """Inside this block, :func:`device_flag_check` queues its check instead of reading the flag at once.
-
-    For a caller that launches the next piece of work before looking at this one's result (iter_merged): a
-    host read of a flag waits for everything queued on the stream, so reading it right away leaves the GPU
-    idle while Python prepares the next launches. The caller must run every queued check (each raises on
-    bad input) before it hands the result on.
-    """
-    checks: List[Callable[[], None]] = []
-    previous = getattr(_DEFERRED, "checks", None)
-    _DEFERRED.checks = checks
-    try:
-        yield checks
-    finally:
-        _DEFERRED.checks = previous
-
-
-def device_flag_check(flag: torch.Tensor, raise_error: Callable[[], None]) -> None:
-    """flag: a one-element int32 tensor a kernel set nonzero on bad input; raise_error() raises the error.
-
-    At once (one host read), or inside :func:`deferred_device_checks` queued: the flag is copied to pinned host
-    memory behind the kernel that sets it and an event is recorded, so the queued check waits for that
-    kernel only, not for work launched after it.
-    """
-    checks = getattr(_DEFERRED, "checks", None)
-    if checks is None or flag.device.type != "cuda":
-        if int(flag.item()):
-            raise_error()
-        return
-    read = _staging.watch(flag)
-
-    def check() -> None:
-        if read():
-            raise_error()
-
-    checks.append(check)
+def raise_nonfinite(base: torch.Tensor, tensors: Sequence[torch.Tensor], name: str = "tensors") -> None:
+    """A kernel flagged NaN/Inf: raise ValueError naming the input that holds one (base, tensors[i], or an
+    overflowing difference tensors[i] - base); return when every input is finite (the caller then raises
+    about its own result). The error path of ops that check during their own pass instead of reading their
+    inputs first."""
+    if not bool(torch.isfinite(base).all()):
+        raise ValueError("base contains NaN/Inf values; it must be finite")
+    for i, t in enumerate(tensors):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}[{i}] contains NaN/Inf values; it must be finite")
+    for i, t in enumerate(tensors):
+        if not bool(torch.isfinite(t.to(base.dtype) - base).all()):
+            raise ValueError(f"{name}[{i}] - base overflows {str(base.dtype).replace('torch.', '')}: the task "
+                             "vector must be finite")

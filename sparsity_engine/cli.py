@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress output")
 
+    from .merge.cli import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
+
     i = sub.add_parser("info", help="versions, GPU, and which backends run here (and why not)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -253,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--quiet", action="store_true")
+
+    b = sub.add_parser("bench-decode", help="decode tokens/s and weight memory of a model folder, dense vs sparse",
+                       description="Times greedy decoding (batch 1, static KV cache, CUDA graphs for both) of "
+                       "MODEL_DIR (a LLaMA folder, as pruned there) with dense weights and converted by "
+                       "sparsify_linears_; prints ms/token, tokens/s and weight memory. Needs a GPU.")
+    b.add_argument("model_dir", metavar="MODEL_DIR", help="local LLaMA model folder (read only)")
+    b.add_argument("--formats", nargs="+", default=["auto"], choices=["auto", "bitmap", "csr"])
+    b.add_argument("--steps", type=_positive_int, default=64, help="decode steps per timed run (default 64)")
     return parser
 
 
@@ -383,8 +395,21 @@ def _cmd_demo(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"prune": _cmd_prune, "prune-task-vectors": _cmd_task_vectors, "eval": _cmd_eval, "info": _cmd_info,
-             "demo": _cmd_demo}
+def _cmd_merge(args) -> int:
+    from .merge.cli import run
+
+    return run(args)
+
+
+def _cmd_bench_decode(args) -> int:
+    from .nn.decode import bench_decode
+
+    bench_decode(args.model_dir, None, args.formats, steps=args.steps)
+    return EXIT_OK
+
+
+_COMMANDS = {"prune": _cmd_prune, "prune-task-vectors": _cmd_task_vectors, "eval": _cmd_eval, "merge": _cmd_merge,
+             "info": _cmd_info, "demo": _cmd_demo, "bench-decode": _cmd_bench_decode}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

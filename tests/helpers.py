@@ -7,6 +7,9 @@ HAS_CUDA = torch.cuda.is_available()
 # Kernels run on the GPU where there is one, else on the CPU under Triton's interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the accelerated backends the tests compare with the reference here: Triton (on the GPU, or its interpreter),
+# and the CUDA extension where there is a GPU
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if HAS_CUDA else [])
 
 # relative tolerances by dtype (DESIGN.md: fp32 ~1e-5, tf32 ~5e-4, bf16 ~1e-2)
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -35,3 +38,12 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool:
         return torch.ones_like(t)
     return torch.full_like(t, -7)
+
+
+def kernel_backends(op: str) -> list:
+    """The KERNEL_BACKENDS that implement ``op`` (every op family imported first)."""
+    import sparsity_engine
+    from sparsity_engine import _dispatch
+
+    sparsity_engine.backends()
+    return [b for b in KERNEL_BACKENDS if b in _dispatch.registered_ops().get(op, [])]

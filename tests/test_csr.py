@@ -97,6 +97,51 @@ def test_safetensors_round_trip(tmp_path):
         CSRMatrix.from_state_dict({"values": csr.values})
 
 
+# ---------------------------------------------------------------- indices checked once, when built or loaded
+
+def _corrupt(csr, key, edit):
+    arrays = {k: getattr(csr, k).clone() for k in ("crow_indices", "col_indices", "values", "row_lengths", "row_order")}
+    edit(arrays[key])
+    return arrays
+
+
+def _valid_slot(csr):
+    """A slot holding a real entry (not row padding)."""
+    return int(torch.nonzero(csr.valid_slots())[0, 0])
+
+
+CORRUPTIONS = [
+    ("col_indices", lambda c, csr: c.__setitem__(_valid_slot(csr), -1), "col_indices must lie in"),
+    ("col_indices", lambda c, csr: c.__setitem__(_valid_slot(csr), csr.shape[1]), "col_indices must lie in"),
+    ("crow_indices", lambda c, csr: c.__setitem__(-1, c[-1] + ALIGN), "crow_indices must"),        # past the end
+    ("crow_indices", lambda c, csr: c.__setitem__(2, c[3] + ALIGN), "crow_indices must"),         # decreasing
+    ("crow_indices", lambda c, csr: c.__setitem__(1, c[1] + 1), "crow_indices must"),              # unaligned
+    ("row_lengths", lambda c, csr: c.__setitem__(0, c[0] + ALIGN), "row_lengths must"),            # past its row
+    ("row_lengths", lambda c, csr: c.__setitem__(1, -1), "row_lengths must"),
+    ("row_order", lambda c, csr: c.__setitem__(0, c[1]), "row_order must be a permutation"),       # a repeat
+    ("row_order", lambda c, csr: c.__setitem__(0, csr.shape[0]), "row_order must be a permutation"),
+]
+
+
+@pytest.mark.parametrize("key,edit,err", CORRUPTIONS)
+def test_bad_indices_are_refused_when_built_or_loaded(key, edit, err):
+    """Indices the kernels would read out of bounds with (or the reference would scatter wrongly) are refused
+    by CSRMatrix itself, by from_state_dict and by CSRLinear.load_state_dict, never at call time."""
+    w = pruned(8, 40, 0.5, torch.float16)
+    csr = se.to_csr(w)
+    arrays = _corrupt(csr, key, lambda t: edit(t, csr))
+    with pytest.raises(ValueError, match=err):
+        CSRMatrix(shape=csr.shape, **arrays)
+    sd = dict(arrays, shape=torch.tensor(csr.shape))
+    with pytest.raises(ValueError, match=err):
+        CSRMatrix.from_state_dict(sd)
+    from sparsity_engine.nn import CSRLinear
+
+    layer = CSRLinear(csr)
+    with pytest.raises(ValueError, match=err):
+        layer.load_state_dict(sd)
+
+
 # ---------------------------------------------------------------- reference
 
 @pytest.mark.parametrize("n,k,density,empty,dense", SHAPES)

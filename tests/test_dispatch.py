@@ -77,3 +77,113 @@ def test_fractions_and_weights_reject_non_numbers(value):
         se.merge_task_vectors(torch.zeros(4), [torch.zeros(4)], [1.0], method="ties", density=value)
     with pytest.raises(TypeError, match=r"weights\[0\] must be a real number"):
         se.merge_task_vectors(torch.zeros(4), [torch.zeros(4)], [value], method="ties")
+
+
+def test_package_and_reference_ops_work_without_triton():
+    """Where Triton is not installed (or too old to import), `import sparsity_engine`, backends() and every
+    reference op still work: no module imports Triton except the Triton backends, whose import failure is
+    recorded and reported."""
+    import subprocess
+    import sys
+
+    code = r'''
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton' (hidden by the test)")
+        return None
+sys.meta_path.insert(0, NoTriton())
+import torch, sparsity_engine as se
+report = se.backends()
+assert not report["triton"]["available"], report["triton"]
+assert any("Triton" in r or "triton" in r for r in report["triton"]["reasons"]), report["triton"]
+x = torch.randn(8, 16)
+assert int(se.topk_mask(x, 0.25).sum()) == 32
+assert se.nm_mask(x, 2, 4).sum() == 64
+base, ts = torch.randn(8, 16), [torch.randn(8, 16) for _ in range(2)]
+se.merge_task_vectors(base, ts, [1.0, 0.5], method="ties", density=0.5)
+se.merge_task_vectors(base, ts, [1.0, 0.5], method="dare_ties", density=0.5)
+se.merge_task_vectors(base, ts, [1.0, 0.5], method="della", density=0.5)
+H, X = torch.zeros(16, 16), torch.randn(4, 16)
+se.accumulate_hessian_(H, X, 0)
+se.sparsegpt_prune(x, H + torch.eye(16), sparsity=0.5)
+csr = se.to_csr(se.magnitude_prune(x, 0.3))
+se.csr_linear(torch.randn(2, 16), csr)
+se.smooth_l0_penalty(x, 0.1)
+try:
+    se.topk_mask(x, 0.5, backend="triton")
+except se.BackendUnavailableError as exc:
+    assert "not installed" in str(exc) or "import" in str(exc), exc
+else:
+    raise AssertionError("backend='triton' ran without Triton")
+assert "triton" not in sys.modules
+print("ok")
+'''
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_declared_dtypes_limits_and_supports_give_the_reasons(monkeypatch):
+    """register(..., dtypes=, limits=, supports=): the reasons are generated from the declarations, in order,
+    plus the supports callback's own sentences; 'auto' skips such a backend, a named one raises with them."""
+    monkeypatch.setattr(_dispatch, "_REGISTRY", {})
+    monkeypatch.setattr(_dispatch, "backend_reasons", lambda backend: [])
+    monkeypatch.setattr(_dispatch, "_device_reasons", lambda *a, **k: [])
+
+    @_dispatch.register("toy", "reference")
+    def toy_ref(t, inputs, m=4):
+        return "reference"
+
+    @_dispatch.register("toy", "cuda", tensor="t", dtypes=(torch.float16,), limits={"numel": 10, "m": 8, "inputs": 2},
+                        supports=lambda t, inputs, m=4: ["m must be even"] if m % 2 else [])
+    def toy_cuda(t, inputs, m=4):
+        return "cuda"
+
+    small = torch.zeros(4, dtype=torch.float16)
+    assert _dispatch.dispatch("toy", None, small, [small]) == "cuda"
+    big = torch.zeros(20, dtype=torch.float32)
+    reasons = _dispatch.explain("toy", big, [big, big, big], m=9)["cuda"]
+    assert reasons == ["t dtype float32 is not supported by the cuda toy kernel (float16 are)",
+                       "20 elements exceed the cuda toy kernel's limit of 10",
+                       "m=9 exceeds the cuda toy kernel's limit of 8",
+                       "3 entries in inputs exceed the cuda toy kernel's limit of 2",
+                       "m must be even"]
+    assert _dispatch.dispatch("toy", None, big, [big]) == "reference"
+    with pytest.raises(se.BackendUnavailableError, match="20 elements exceed"):
+        _dispatch.dispatch("toy", "cuda", big, [big])
+    # a cached choice is keyed by what the caller says it depends on, and by the backend asked for
+    key = ("small",)
+    assert _dispatch.choose_cached("toy", None, key, small, [small]).backend == "cuda"
+    assert _dispatch.choose_cached("toy", None, key, big, [big]).backend == "cuda"  # the key decides
+    assert _dispatch.choose_cached("toy", "reference", key, small, [small]).backend == "reference"
+
+
+def test_backends_reach_other_backends_only_through_dispatch():
+    """A backend module (ops/<family>/{reference,triton,cuda}.py) imports no other family's modules but its
+    front (ops/<family>/__init__), and no accelerated backend of its own family: what it needs of another op
+    it calls through dispatch, so every backend can be replaced, disabled or missing on its own."""
+    import ast
+    import pathlib
+
+    ops = pathlib.Path(se.__file__).parent / "ops"
+    families = sorted(p.name for p in ops.iterdir() if (p / "__init__.py").exists())
+    backends = {"reference", "triton", "cuda"}
+    bad = []
+    for family in families:
+        for backend in sorted(backends):
+            path = ops / family / f"{backend}.py"
+            if not path.exists():
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                module = (node.module or "").split(".")
+                names = [a.name for a in node.names]
+                if node.level == 1:      # from . import x / from .x import y: its own family
+                    targets = [module[0]] if module[0] else names
+                    bad += [f"{family}/{backend}.py imports .{t}" for t in targets if t in backends - {"reference", backend}]
+                elif node.level == 2 and module[0]:  # from ..other... : another family
+                    if module[0] in families and (len(module) > 1 or set(names) & backends):
+                        bad.append(f"{family}/{backend}.py imports ..{'.'.join(module)} {names}")
+    assert not bad, bad

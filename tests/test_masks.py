@@ -3,9 +3,8 @@ import pytest
 import torch
 
 import sparsity_engine as se
-from helpers import KERNEL_DEVICE
+from helpers import KERNEL_BACKENDS, KERNEL_DEVICE
 
-KERNEL_BACKENDS = ["triton"] + (["cuda"] if KERNEL_DEVICE == "cuda" else [])
 
 
 # ---------------------------------------------------------------- nm_mask
@@ -483,7 +482,7 @@ def test_topk_mask_cuda_declines_per_slice():
 
 
 def _select_keys(t, base, magnitude):
-    """csrc/select.cu's 32-bit keys (as int64) in torch: |t - base| bits, or the values' order bits."""
+    """csrc/masks_select.cu's 32-bit keys (as int64) in torch: |t - base| bits, or the values' order bits."""
     w = 32 if t.dtype == torch.float32 else 16
     d = (t - base if base is not None else t) if magnitude else torch.where(t == 0, torch.zeros_like(t), t)
     u = d.view(torch.int32 if w == 32 else torch.int16).long() & ((1 << w) - 1)
@@ -503,6 +502,40 @@ def _first_p(keys, p, later_first):
     got = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
     got[order[:p]] = True
     return got
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_edges_match_sorting(monkeypatch, backend, dtype):
+    """masks.select_edges against a stable sort on every backend: several rows over several inputs in one call,
+    heavy ties spread over many blocks (the selection's blocks / chunks made small), both tie orders, the
+    magnitude of deltas against a base and the signed order, edges at positions 0, 1, n - 1 and n."""
+    from sparsity_engine.ops import masks
+    from sparsity_engine.ops.masks.reference import selection_keys
+    monkeypatch.setattr(_masks_triton(), "SELECT_BLOCK", 128)
+    if backend == "cuda":
+        from sparsity_engine.ops.masks import cuda as mc
+        monkeypatch.setattr(mc, "SELECT_CHUNK", 64)
+    n = 1201
+    dev = KERNEL_DEVICE if backend != "reference" else "cpu"
+    base = torch.randn(n, device=dev).to(dtype)
+    inputs = [(base.float() + torch.randint(-3, 4, (n,), device=dev) * 0.25).to(dtype),  # few distinct keys
+              (base.float() + 0.01 * torch.randn(n, device=dev)).to(dtype),
+              base.clone()]                                                              # all deltas 0
+    inputs[1][::7] = -0.0
+    idx = torch.arange(n, device=dev)
+    for magnitude, with_base in ((True, True), (True, False), (False, False)):
+        b = base if with_base else None
+        for later_first in (False, True):
+            rows = [(0, 1, later_first), (0, n // 3, later_first), (1, n - 1, later_first), (1, 777, later_first),
+                    (2, n // 2, later_first), (0, 0, later_first), (1, n, later_first)]
+            edges = masks.select_edges(inputs, b, rows, magnitude=magnitude, backend=backend)
+            assert edges.dtype == torch.int32 and edges.shape == (2, len(rows))
+            for slot, (m, p, lf) in enumerate(rows):
+                keys = selection_keys(inputs[m], b, magnitude)
+                K, J = int(edges[0, slot]), int(edges[1, slot])
+                got = (keys > K) | ((keys == K) & ((idx >= J) if lf else (idx < J)))
+                assert torch.equal(got, _first_p(keys, p, lf)), (magnitude, with_base, lf, m, p)
 
 
 @pytest.mark.cuda
@@ -526,8 +559,8 @@ def test_select_edges_cuda_matches_sorting(monkeypatch, dtype, chunk):
                     (1, 777, later_first, 3), (2, n // 2, later_first, 4)]
             out_k = torch.full((5,), -7, dtype=torch.int32, device="cuda")
             out_j = torch.full((5,), -7, dtype=torch.int32, device="cuda")
-            mc.select_edges(inputs, base if with_base else None, rows, mode=mc.MAGNITUDE if magnitude else mc.ORDER,
-                            out_k=out_k, out_j=out_j, k_shift=0)
+            mc.launch_select(inputs, base if with_base else None, rows, mode=mc.MAGNITUDE if magnitude else mc.ORDER,
+                             out_k=out_k, out_j=out_j, k_shift=0)
             for m, p, lf, slot in rows:
                 keys = _select_keys(inputs[m], base if with_base else None, magnitude)
                 K, J = int(out_k[slot]) & 0xFFFFFFFF, int(out_j[slot])
@@ -635,10 +668,9 @@ def test_della_cuda_probabilities_match_reference(dtype, shape, case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7,), (5, 33), (4096, 4096), (11008, 4096), (4096, 11008)])
 def test_della_cuda_backend_matches_its_draw(dtype, shape):
-    from sparsity_engine.ops.masks.reference import rescale_masked
-    mt = _masks_triton()
+    from sparsity_engine.ops.masks.reference import draw_seed, rescale_masked
     x = _with_ties(shape, dtype)
-    seed = mt.draw_seed(torch.Generator(device="cuda").manual_seed(11))
+    seed = draw_seed(torch.Generator(device="cuda").manual_seed(11))
     for norm in (None, "l1"):
         got = se.della_magprune(x, 0.3, 0.1, rescale_norm=norm, backend="cuda",
                                 generator=torch.Generator(device="cuda").manual_seed(11))
@@ -674,3 +706,22 @@ def test_rescale_norm_past_fp16_range_stays_finite(backend):
         out = se.della_magprune(x, 0.5, 0.1, rescale_norm="l1", backend=backend)
         assert torch.isfinite(out).all()
         assert abs(out.float().abs().sum().item() / x.float().abs().sum().item() - 1) < 1e-2
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_select_edges_many_rows_on_one_input(backend):
+    """Any number of rows, several on one input (the CUDA kernel takes 2 per input and 16 per launch)."""
+    from sparsity_engine.ops import masks
+    x = torch.randint(-20, 21, (2, 500), device=KERNEL_DEVICE).float()
+    rows = [(i % 2, p, bool(p % 3)) for i, p in enumerate(range(1, 500, 25))]
+    assert torch.equal(masks.select_edges(list(x), None, rows, magnitude=False, backend=backend),
+                       masks.select_edges(list(x), None, rows, magnitude=False, backend="reference"))
+
+
+def test_select_edges_launch_groups():
+    from sparsity_engine.ops.masks.cuda import _launch_groups
+    rows = [(i % 3, 10 + i, False, i) for i in range(40)]
+    groups = _launch_groups(rows)
+    assert sorted(r for g in groups for r in g) == sorted(rows)
+    for g in groups:
+        assert len(g) <= 16 and all(sum(r[0] == m for r in g) <= 2 for m in range(3))

@@ -138,3 +138,34 @@ def test_csrlinear_gpu_matches_linear(dtype, tokens):
     assert_rel_close(csr_lin(x), expected, RTOL[dtype] * 2, f"CSRLinear {tokens} tokens")
     moved = CSRLinear.from_linear(lin.cpu()).to("cuda")
     assert_rel_close(moved(x), expected, RTOL[dtype] * 2, "moved with .to()")
+
+
+def test_cli_bench_decode_checks_its_folder_first(tmp_path, capsys):
+    from sparsity_engine.cli import main
+
+    missing = tmp_path / "no_such_model"
+    assert main(["bench-decode", str(missing)]) == 3
+    assert "does not exist" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_decode_model_matches_step_by_step_reference():
+    """The decode benchmark's model: one cached step equals a full causal pass over the prefix (tiny, CPU)."""
+    transformers = pytest.importorskip("transformers")
+    from sparsity_engine.nn import decode
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50)
+    model = decode.build_random(cfg, "cpu", torch.float32)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    model.setup_cache(8)
+    model.reset(token=3)
+    tokens = [3]
+    for _ in range(4):
+        logits = model.step()
+        with torch.no_grad():
+            expected = hf(torch.tensor([tokens])).logits[0, -1]
+        assert_rel_close(logits.reshape(-1), expected, 1e-4, f"step {len(tokens)}")
+        tokens.append(int(model.cache["token"]))

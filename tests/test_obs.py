@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import sparsity_engine as se
-from helpers import KERNEL_DEVICE, RTOL, rel_err
+from helpers import KERNEL_DEVICE, RTOL, kernel_backends, rel_err
 
-KERNEL_BACKENDS = ["triton"]
+KERNEL_BACKENDS = kernel_backends("sparsegpt_prune")
 
 
 def correlated_hessian(cols, n=256, *, dead=(), dtype=torch.float32, device="cpu", strength=0.5):
@@ -392,7 +392,7 @@ def test_kernel_matches_reference_llama_sizes(monkeypatch, lazy, rows, cols, kw,
 @pytest.mark.cuda
 def test_inverse_factor_holds_one_square_buffer():
     """The reversed Cholesky and its inverse share one cols x cols buffer; cuSOLVER's Cholesky holds one more
-    cols^2 while it runs (measured on an H200, 2026-12-02; 3 x cols^2 before the buffer was shared), plus
+    cols^2 while it runs (measured: 3 x cols^2 before the buffer was shared), plus
     O(cols x 1024) of work space."""
     from sparsity_engine.ops.obs import triton as obs_triton
     _, H = _llama_case(8, 8192)

@@ -1,18 +1,16 @@
 """CSRLinear: an inference nn.Linear whose pruned weight is stored as CSR and run by the CSR kernels."""
 from __future__ import annotations
 
-import fnmatch
-import re
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .._validate import FLOAT_DTYPES, check_fraction, check_tensor
+from .._dispatch import backend_reasons
+from .._validate import FLOAT_DTYPES, check_tensor
 from ..ops.csr import CSRMatrix, csr_linear, densify, to_csr
 from ..ops.csr.format import _KEYS as _CSR_KEYS
-
-Patterns = Union[None, str, Sequence[str]]
 
 
 class CSRLinear(nn.Module):
@@ -25,7 +23,10 @@ class CSRLinear(nn.Module):
     :func:`csr_linear`; ``cache_dense=True`` keeps the rebuilt dense weight when csr_linear falls back to
     dense (large batches), trading memory for not rebuilding it on every call. The first call that the CUDA
     tensor-core kernel serves (fp16/bf16, several tokens: ``ops/csr/cuda.py: use_tiles``) also keeps a second
-    copy of the weight in that kernel's tile layout (4 bytes per nonzero, like the CSR arrays; not saved).
+    copy of the weight in that kernel's tile layout (4 bytes per nonzero, like the CSR arrays; not saved),
+    unless ``one_copy`` is set (as ``sparsify_linears_(format='auto')`` does): then fp16/bf16 inputs on CUDA
+    run the warp-per-row kernel up to 16 tokens and dense F.linear on a weight rebuilt for the call above,
+    so the layer never holds more than the CSR arrays.
     """
 
     def __init__(self, csr: CSRMatrix, bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None,
@@ -45,6 +46,7 @@ class CSRLinear(nn.Module):
         self.bias = bias
         self.backend = backend
         self.cache_dense = cache_dense
+        self.one_copy = False
         self._csr: Optional[CSRMatrix] = None
 
     @classmethod
@@ -74,9 +76,26 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         csr = self.csr
+        if self.one_copy and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == csr.dtype:
+            return self._forward_one_copy(x, csr)
         if self.cache_dense and getattr(csr, "dense_cache", None) is None and x.is_cuda:
             csr.dense_cache = densify(csr)
         return csr_linear(x, csr, self.bias, backend=self.backend)
+
+    def _forward_one_copy(self, x: torch.Tensor, csr: CSRMatrix) -> torch.Tensor:
+        """The rows kernel up to its token limit, else F.linear on a weight rebuilt for this call only."""
+        if (x.shape[-1] != self.in_features or x.device != csr.device or self.backend not in (None, "auto", "cuda")
+                or backend_reasons("cuda")):
+            return csr_linear(x, csr, self.bias, backend=self.backend)  # its checks and backends as usual
+        from ..ops.csr import cuda as csr_cuda  # importable: the CUDA backend is available
+
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] > csr_cuda.MAX_TOKENS:
+            return F.linear(x, densify(csr), self.bias)
+        if x2.shape[0] == 0:
+            return csr_linear(x, csr, self.bias, backend=self.backend)
+        y = csr_cuda.csr_linear_rows(x2.contiguous(), csr, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -95,66 +114,4 @@ class CSRLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._csr = None
-
-
-def _matches(name: str, patterns: Patterns) -> bool:
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    for pat in patterns:
-        if not isinstance(pat, str):
-            raise TypeError(f"include/exclude patterns must be strings, got {type(pat).__name__}")
-        if pat.startswith("re:"):
-            if re.search(pat[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, pat):
-            return True
-    return False
-
-
-def _shared_weights(model: nn.Module) -> set:
-    """ids of parameters that more than one module uses (tied embeddings, say)."""
-    seen, shared = set(), set()
-    for _, p in model.named_parameters(remove_duplicate=False):
-        (shared if id(p) in seen else seen).add(id(p))
-    return shared
-
-
-def sparsify_linears_(model: nn.Module, *, min_sparsity: float = 0.3, include: Patterns = None,
-                      exclude: Patterns = None, index_dtype: Optional[torch.dtype] = None,
-                      backend: Optional[str] = None) -> List[str]:
-    """Replace, in place, every pruned ``nn.Linear`` of ``model`` by a :class:`CSRLinear`; return their names.
-
-    A Linear is converted when the fraction of exact zeros in its weight is >= ``min_sparsity``, its name
-    (as in ``model.named_modules()``, e.g. ``encoder.layer.0.attention.self.query``) matches ``include``
-    (default: every name) and does not match ``exclude``. Patterns: a string or a list of strings; each is a
-    shell glob matched against the whole name (``"*.query"``, ``"encoder.layer.[0-3].*"``), or a regular
-    expression searched in the name when prefixed with ``re:`` (``"re:attention\\.(query|key)$"``). A
-    Linear whose weight is shared with another module (tied weights) is left alone: converting it would
-    untie it. Outputs are unchanged up to the kernels' fp32-accumulation rounding.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    min_sparsity = check_fraction("min_sparsity", min_sparsity)
-    shared = _shared_weights(model)
-    targets = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear or not name:
-            continue
-        if include is not None and not _matches(name, include):
-            continue
-        if exclude is not None and _matches(name, exclude):
-            continue
-        if id(module.weight) in shared or module.weight.dtype not in FLOAT_DTYPES:
-            continue
-        w = module.weight.detach()
-        zeros = (w == 0).sum().item() / max(1, w.numel())
-        if zeros >= min_sparsity and w.numel():
-            targets.append(name)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, CSRLinear.from_linear(getattr(parent, child), index_dtype=index_dtype,
-                                                     backend=backend))
-    return targets
-
-
+        self.csr  # noqa: B018  (builds the CSRMatrix, which checks the loaded indices)

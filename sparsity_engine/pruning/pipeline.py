@@ -30,6 +30,7 @@ from .capture import BlockInputs, capture_block_inputs, collect_hessians, move_o
 from .layer_pruners import energy, prune_layer
 from .models import BlockLayout, find_blocks, find_linears, set_weight_out_in_, weight_out_in
 from .progress import Progress
+from .model_io import device_description, load_model, resolve_device  # noqa: F401  (the merge job imports them here)
 from .report import PhaseTimer
 from .settings import ConfigError, InputError, LayerSpec, NMPattern, PruneConfig, parse_target  # noqa: F401
 
@@ -208,6 +209,26 @@ def prune_model(model: nn.Module, calib_ids: Optional[torch.Tensor], config: Pru
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return records
+
+
+def job_inputs(model: nn.Module, tokenizer, calib: Optional[str], *, nsamples: int, seqlen: int,
+               seed: int) -> Tuple[BlockLayout, torch.Tensor]:
+    """(block layout, calibration ids [nsamples, seqlen]) for a model held in memory (the merge job's SparseGPT
+    sparsification uses it); InputError / ConfigError naming what is wrong."""
+    from .calibration import CalibrationError, calibration_ids
+    from .model_io import layout_of
+
+    layout = layout_of(model)
+    limit = next((v for v in (getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions"))
+                  if isinstance(v, int) and v > 0), None)
+    if limit is not None and seqlen > limit:
+        raise ConfigError(f"seqlen {seqlen} is longer than the model's {limit} positions (config.json)")
+    try:
+        ids = calibration_ids(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                              vocab_size=getattr(model.config, "vocab_size", None))
+    except CalibrationError as exc:
+        raise InputError(str(exc)) from None
+    return layout, ids
 
 
 # --------------------------------------------------------------------------------------------- on disk

@@ -10,14 +10,15 @@ for any number of tokens and dtype; what serves fp32 above 16 tokens). With ``ba
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..._dispatch import choose, dispatch, import_backend, resolve_backend
+from ..._dispatch import choose_cached, dispatch, import_backend, resolve_backend
 from ..._validate import FLOAT_DTYPES, check_tensor
 from .format import ALIGN, CSRMatrix, validate_csr
+from .tiles import tiles_apply
 from . import reference  # noqa: F401  (registers the oracle)
 
 import_backend(__name__, "triton")
@@ -26,21 +27,10 @@ import_backend(__name__, "cuda")
 __all__ = ["CSRMatrix", "to_csr", "csr_linear", "prefer_dense", "DISPATCH_RULE", "REBUILD_MAX_TOKENS", "DENSE_ENV_VAR",
            "ALIGN", "densify"]
 
-#: When is dense cuBLAS faster than our sparse kernels? Measured on one H200 (benchmarks/bench_csr.py,
-#: 2026-12-02, bf16/fp16, 4096x4096 .. 28672x8192, L2 flushed), dense F.linear time / the CUDA backend's
-#: time (rows kernel or tensor-core tiles kernel, as it picks them):
-#:
-#:   tokens | 50% sparse  | 70%        | 80%        | 90%
-#:   1      | 0.80-1.01   | 1.10-1.50  | 1.32-1.98  | 1.88-3.21
-#:   2      | 0.75-0.91   | 1.02-1.41  | 1.20-1.85  | 1.51-2.93
-#:   4      | 0.70-0.79   | 0.82-1.20  | 1.00-1.57  | 1.29-2.38
-#:   8      | 0.63-0.75   | 0.81-0.90  | 0.95-1.19  | 1.03-1.78
-#:   16     | 0.57-0.71   | 0.74-0.81  | 0.84-0.97  | 0.92-1.14
-#:   64     | 0.37-0.53   | 0.43-0.56  | 0.50-0.62  | 0.53-0.68
-#:   128    | 0.21-0.30   | 0.25-0.34  | 0.29-0.38  | 0.31-0.40
-#:   256    | 0.15-0.19   | 0.17-0.25  | 0.21-0.29  | 0.22-0.31
-#:
-#: so with a dense weight at hand the sparse path is taken at most at the density (nnz / (N*K)) below:
+#: When is dense cuBLAS faster than our sparse kernels? From benchmarks/bench_csr.py's dense F.linear time / the
+#: CUDA backend's time (bf16/fp16, 4096x4096 .. 28672x8192, L2 flushed; the measured table is in BENCHMARKS.md,
+#: CSR linear): with a dense weight at hand the sparse path is taken at most at the density (nnz / (N*K)) below,
+#: the point where the slowest shape's ratio crosses 1.
 DISPATCH_RULE: Tuple[Tuple[int, float], ...] = (
     # (max tokens, max density for the sparse path); more tokens than the last entry: always dense
     (1, 0.40),
@@ -81,15 +71,10 @@ def to_csr(weight: torch.Tensor, *, index_dtype: Optional[torch.dtype] = None,
     return csr
 
 
-def densify(csr: CSRMatrix) -> torch.Tensor:
-    """The dense weight [N, K]: one Triton scatter pass on CUDA (where Triton is there), else torch."""
-    if csr.values.is_cuda:
-        try:
-            from .triton import csr_to_dense
-        except ImportError:
-            return csr.to_dense()
-        return csr_to_dense(csr)
-    return csr.to_dense()
+def densify(csr: CSRMatrix, *, backend: Optional[str] = None) -> torch.Tensor:
+    """The dense weight [N, K] (exact): one Triton scatter pass on CUDA where Triton runs, else torch."""
+    validate_csr(csr)
+    return dispatch("csr_to_dense", backend, csr)
 
 
 def prefer_dense(tokens: int, density: float, dense_fallback: Optional[bool] = None, *,
@@ -132,18 +117,11 @@ def _check_linear_args(x, csr, bias) -> None:
             raise ValueError(f"bias must have shape ({n},) on {csr.device}, got {tuple(bias.shape)} on {bias.device}")
 
 
-_PLANS: Dict[tuple, object] = {}
-
-
 def _impl_for(backend, x2, csr, bias):
-    """The registered implementation for these inputs; cached by what its choice depends on."""
-    key = (resolve_backend(backend), x2.device, x2.dtype, csr.col_indices.dtype, x2.shape[0] <= 16,
-           csr.shape[1] % 8 == 0, bias is not None, os.environ.get("TRITON_INTERPRET", ""))
-    impl = _PLANS.get(key)
-    if impl is None:
-        impl = choose("csr_linear", backend, x2, csr, bias)
-        _PLANS[key] = impl
-    return impl
+    """The registered implementation for these inputs, remembered by what its choice depends on (device,
+    dtypes, the rows kernel's token limit, the tiles kernel's K % 8 rule, bias): csr_linear runs per token."""
+    key = (x2.device, x2.dtype, csr.col_indices.dtype, x2.shape[0] <= 16, csr.shape[1] % 8 == 0, bias is not None)
+    return choose_cached("csr_linear", backend, key, x2, csr, bias)
 
 
 def csr_linear(x: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor] = None, *,
@@ -170,13 +148,9 @@ def csr_linear(x: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor] = N
     impl = _impl_for(backend, x2, csr, bias)
     if resolve_backend(backend) is None and x.is_cuda:
         dense = getattr(csr, "dense_cache", None)
-        tiles = impl.backend == "cuda" and _tiles_apply(x2, csr)
+        tiles = impl.backend == "cuda" and tiles_apply(x2, csr)
         if prefer_dense(tokens, csr.density, dense_fallback, dense_at_hand=dense is not None, tiles_kernel=tiles):
             return F.linear(x2, dense if dense is not None else densify(csr), bias).reshape(*lead, n)
     out = impl.fn(x2, csr, bias)
     return out.reshape(*lead, n)
 
-
-def _tiles_apply(x2: torch.Tensor, csr: CSRMatrix) -> bool:
-    from .cuda import tiles_apply  # imported only once the CUDA backend was chosen (so it imported)
-    return tiles_apply(x2, csr)

@@ -1,7 +1,7 @@
 """CUDA backend of csr_linear: two kernels, picked by the number of tokens.
 
 * rows  (csrc/csr.cu): one warp per row over the CSR arrays, fp32 FMAs; 1..16 tokens, any dtype. The decode
-  kernel: at 1 token it reads the CSR bytes at 65-90% of the copy rate.
+  kernel, near the bytes floor at 1 token on large weights (BENCHMARKS.md).
 * tiles (csrc/csr_tiles.cu): fp16/bf16 with in_features a multiple of 8, any number of tokens; the weight in
   16x128 tiles (ops/csr/tiles.py) expanded to dense in shared memory for the tensor cores. Its cost per tile
   does not grow with the tokens, while the rows kernel's grows with tokens x nonzeros; which one runs is
@@ -16,10 +16,10 @@ import torch
 from ..._dispatch import register
 from ..._ext import dtype_code, load_extension, stream_ptr
 from .format import CSRMatrix
-from .tiles import tile_layout
+from .tiles import tile_layout, tiles_apply
 
 MAX_TOKENS = 16  # of the rows kernel
-#: Where the tiles kernel beats the rows kernel (H200, 2026-12-02, bench_csr.py: rows_us vs tiles_us): never
+#: Where the tiles kernel beats the rows kernel (bench_csr.py's rows_us vs tiles_us, BENCHMARKS.md): never
 #: below TILES_MIN_TOKENS tokens, always from MAX_TOKENS on, and in between from tokens x density >= the
 #: bound below, which is larger for big weights (28672x8192: the rows kernel is near the bytes floor there
 #: and wins up to 8 tokens at 70% sparsity; 4096x4096 .. 11008x4096: the tiles kernel wins from 8 tokens at
@@ -33,11 +33,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous() or t.data_ptr() % 16:
         t = t.clone(memory_format=torch.contiguous_format)
     return t
-
-
-def tiles_apply(x2: torch.Tensor, csr: CSRMatrix) -> bool:
-    """Whether the tiles kernel can take these inputs: fp16/bf16 and in_features a multiple of 8."""
-    return x2.dtype in (torch.float16, torch.bfloat16) and csr.shape[1] % 8 == 0
 
 
 def _supports(x2: torch.Tensor, csr: CSRMatrix, bias: Optional[torch.Tensor]) -> List[str]:

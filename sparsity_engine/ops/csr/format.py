@@ -14,6 +14,12 @@ A weight W [N, K] (N = out_features rows, K = in_features columns) is stored as:
 * ``shape`` (N, K).
 
 Padding costs at most 7 slots per row (< 2% at LLM sizes and >= 50% sparsity).
+
+The kernels index x and the arrays with these numbers and check nothing, so a CSRMatrix checks them once,
+when it is built (also by ``from_state_dict`` and by ``nn.CSRLinear`` after a load): every column index in
+[0, K), row offsets from 0, multiples of ALIGN, non-decreasing, ending at the number of slots, row lengths
+that fit their rows, row_order a permutation (:func:`check_csr_indices`: a few reductions on the arrays'
+device and one host read).
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ class CSRMatrix:
 
     def __post_init__(self):
         self.shape = (int(self.shape[0]), int(self.shape[1]))
+        validate_csr(self)
+        check_csr_indices(self)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -131,9 +139,7 @@ class CSRMatrix:
         if missing:
             raise ValueError(f"state dict is missing CSR keys {missing}")
         shape = tuple(int(v) for v in sd[prefix + "shape"].tolist())
-        csr = cls(shape=shape, **{k: sd[prefix + k] for k in _KEYS})
-        validate_csr(csr)
-        return csr
+        return cls(shape=shape, **{k: sd[prefix + k] for k in _KEYS})
 
 
 def _device_of(args, kwargs, default):
@@ -168,3 +174,37 @@ def validate_csr(csr: CSRMatrix, name: str = "csr") -> None:
                          f"{tuple(csr.values.shape)} and {tuple(csr.col_indices.shape)}")
     if len({getattr(csr, key).device for key in _KEYS}) > 1:
         raise ValueError(f"{name}'s arrays must be on one device")
+
+
+def check_csr_indices(csr: CSRMatrix, name: str = "csr") -> None:
+    """The index checks the kernels rely on (see the module docstring); ValueError naming the array. The
+    conditions are reduced on the arrays' device and read back once."""
+    n, k = csr.shape
+    slots = csr.values.numel()
+    crow, cols = csr.crow_indices, csr.col_indices
+    lengths, order = csr.row_lengths.to(torch.int64), csr.row_order.to(torch.int64)
+    dev = crow.device
+    ok = []
+    # every slot's column (padding included: the kernels may load it) inside [0, K)
+    ok.append(((cols >= 0) & (cols < k)).all() if slots else torch.ones((), dtype=torch.bool, device=dev))
+    spans = crow.diff()
+    ok.append((crow[0] == 0) & (crow[-1] == slots) & (crow % ALIGN == 0).all() & (spans >= 0).all())
+    ok.append(((lengths >= 0) & (lengths <= spans)).all() if n else torch.ones((), dtype=torch.bool, device=dev))
+    if n:
+        seen = torch.zeros(n, dtype=torch.int64, device=dev)
+        inside = (order >= 0) & (order < n)
+        seen.index_add_(0, order.clamp(0, n - 1), inside.to(torch.int64))
+        ok.append(inside.all() & (seen == 1).all())
+    else:
+        ok.append(torch.ones((), dtype=torch.bool, device=dev))
+    cols_ok, crow_ok, len_ok, order_ok = torch.stack(ok).tolist()
+    if not cols_ok:
+        raise ValueError(f"{name}.col_indices must lie in [0, in_features={k}); got values in "
+                         f"[{int(cols.min())}, {int(cols.max())}]")
+    if not crow_ok:
+        raise ValueError(f"{name}.crow_indices must start at 0, be multiples of {ALIGN}, never decrease and end at "
+                         f"the number of slots ({slots}); got first {int(crow[0])}, last {int(crow[-1])}")
+    if not len_ok:
+        raise ValueError(f"{name}.row_lengths must lie in [0, crow_indices[r + 1] - crow_indices[r]] for every row r")
+    if not order_ok:
+        raise ValueError(f"{name}.row_order must be a permutation of 0 .. {n - 1}")

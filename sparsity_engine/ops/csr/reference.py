@@ -34,4 +34,10 @@ def csr_linear(x2: torch.Tensor, csr: CSRMatrix, bias) -> torch.Tensor:
     return F.linear(x2, csr.to_dense(), bias)
 
 
-__all__ = ["to_csr", "csr_linear", "ALIGN"]
+@register("csr_to_dense", "reference")
+def csr_to_dense(csr: CSRMatrix) -> torch.Tensor:
+    """The dense weight [N, K]: every stored value written once, zeros elsewhere."""
+    return csr.to_dense()
+
+
+__all__ = ["to_csr", "csr_linear", "csr_to_dense", "ALIGN"]

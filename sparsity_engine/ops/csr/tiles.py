@@ -28,6 +28,11 @@ _BUILD_SLOTS = 1 << 24  # CSR slots converted per step: the int64 temporaries st
 _CACHE_KEY = "_tile_layout"
 
 
+def tiles_apply(x2: torch.Tensor, csr: CSRMatrix) -> bool:
+    """Whether the tensor-core tiles kernel can take these inputs: fp16/bf16 and in_features a multiple of 8."""
+    return x2.dtype in (torch.float16, torch.bfloat16) and csr.shape[1] % 8 == 0
+
+
 def tile_layout(csr: CSRMatrix) -> Tuple[torch.Tensor, torch.Tensor]:
     """(ptr int64 [ceil(N/16) * ceil(K/128) + 1], entries int32 [E]) of a fp16/bf16 CSRMatrix; cached on it."""
     cached = csr.__dict__.get(_CACHE_KEY)

@@ -91,6 +91,7 @@ def _csr_to_dense_kernel(crow_ptr, len_ptr, col_ptr, val_ptr, out_ptr, K, MAX_LE
             tl.store(out_ptr + r * K + cols, tl.load(val_ptr + offs, mask=ok), mask=ok)
 
 
+@register("csr_to_dense", "triton")
 def csr_to_dense(csr: CSRMatrix) -> torch.Tensor:
     """The dense weight [N, K] (one zero-fill + one scatter pass; the dense fallback of csr_linear)."""
     n, k = csr.shape

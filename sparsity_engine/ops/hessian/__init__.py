@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..._dispatch import dispatch, import_backend
-from ..._validate import FLOAT_DTYPES, check_finite, check_int, check_same_device, check_tensor
+from ..._validate import FLOAT_DTYPES, check_finite, check_int, check_result, check_same_device, check_tensor, finite_amax
 from . import reference  # noqa: F401  (registers the oracle)
 
 import_backend(__name__, "triton")
@@ -60,14 +60,30 @@ def _as_batches(inp: torch.Tensor, columns: int) -> torch.Tensor:
     return inp.unsqueeze(0) if inp.dim() == 2 else inp.flatten(0, -3)
 
 
+# X^T X sums T products of entries up to max|inp|^2: below this fraction of float32's range no entry of the
+# update (nor H plus it) can overflow, decided from the max that the finiteness check computes anyway
+_OVERFLOW_HEADROOM = 2.0 ** -8
+
+
 def _accumulate(H: torch.Tensor, inp: torch.Tensor, nsamples: int, backend: Optional[str]) -> int:
-    """Checked inputs -> one backend call. ``H`` has been validated by the caller."""
+    """Checked inputs -> one backend call. ``H`` has been validated by the caller. An update that could overflow
+    float32 (inputs of ~1e17 and more) runs on a copy of H that is checked before it replaces H, so H is never
+    left holding Inf: ValueError instead."""
     x = _as_batches(inp, H.shape[0])
     check_same_device(("H", H), ("inp", inp))
     if x.shape[0] == 0:
         return nsamples
-    check_finite("inp", x)
-    return dispatch("accumulate_hessian", backend, H, x, nsamples)
+    amax = finite_amax("inp", x)
+    tokens = x.shape[0] * x.shape[1]
+    largest = torch.finfo(torch.float32).max
+    if tokens * amax * amax <= largest * _OVERFLOW_HEADROOM:
+        return dispatch("accumulate_hessian", backend, H, x, nsamples)
+    trial = H.clone()
+    total = dispatch("accumulate_hessian", backend, trial, x, nsamples)
+    check_result("accumulate_hessian_", trial, f"X^T X of inp overflows float32: |inp| reaches {amax:.4g} over "
+                 f"{tokens} tokens; scale the inputs down")
+    H.copy_(trial)
+    return total
 
 
 def accumulate_hessian_(H: torch.Tensor, inp: torch.Tensor, nsamples: int, *, backend: Optional[str] = None) -> int:

@@ -166,16 +166,9 @@ def best_configs() -> Dict[tuple, triton.Config]:
     return dict(_tuned.cache)
 
 
-def _supports(H: torch.Tensor, x: torch.Tensor, nsamples: int):
-    reasons = []
-    if x.dtype not in KERNEL_DTYPES:
-        reasons.append(f"inp dtype {str(x.dtype).replace('torch.', '')} runs on the reference: the Triton "
-                       "kernel takes float16/bfloat16 (exact fp32 would need CUDA-core dots, slower than cuBLAS "
-                       "fp32, and TF32 would lose precision)")
-    return reasons
-
-
-@register("accumulate_hessian", "triton", supports=_supports)
+# float32 inputs run on the reference: exact fp32 would need CUDA-core dots (slower than cuBLAS fp32) and TF32
+# would lose precision
+@register("accumulate_hessian", "triton", tensor="x", dtypes=KERNEL_DTYPES)
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, nsamples: int) -> int:
     """The reference's update (see reference.accumulate_hessian) with the fused kernel; returns n + b."""
     total = nsamples + x.shape[0]

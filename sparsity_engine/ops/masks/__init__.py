@@ -1,21 +1,25 @@
-"""Mask selection ops: N:M, top-k, magnitude, DARE, DELLA.
+"""Mask selection ops: N:M, top-k, magnitude, DARE, DELLA, and the selection the merges build on.
 
 Each public function validates its arguments, then dispatches to a backend (reference | triton | cuda).
 Semantics follow mergekit's ``sparsify`` (magnitude, random = DARE, della_magprune); where mergekit would
 fail (an assert, a NaN) these ops raise a clear error or take the documented robust path instead.
+
+For the merge family (ops/merge), which reaches these only through this module: :func:`select_edges` (band
+edges over whole tensors), :func:`della_deltas` (the DELLA task vectors of a merge), :func:`della_epsilon`,
+and mergekit's rescale (:func:`rescale_masked`, :data:`RESCALE_EPS`).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..._dispatch import choose, dispatch, import_backend
 from ..._validate import (ALL_FLOAT_DTYPES, FLOAT_DTYPES, check_choice, check_finite, check_fraction,
-                          check_generator, check_int, check_nm, check_tensor)
+                          check_generator, check_int, check_nm, check_tensor, finite_amax)
 from . import reference  # noqa: F401  (registers the oracle)
-from .reference import RESCALE_NORMS
+from .reference import RESCALE_EPS, RESCALE_NORMS, rescale_factor, rescale_masked  # noqa: F401  (for ops/merge)
 
 import_backend(__name__, "triton")
 import_backend(__name__, "cuda")
@@ -107,7 +111,8 @@ def dare(t: torch.Tensor, density: float, *, rescale: bool = True, generator: Op
     from it (same generator state -> same result; the two backends give different but equally distributed
     draws). Returns t's shape and dtype.
     """
-    check_tensor("t", t, dtypes=ALL_FLOAT_DTYPES, finite=True)
+    check_tensor("t", t, dtypes=ALL_FLOAT_DTYPES)
+    amax = finite_amax("t", t)
     density = check_fraction("density", density)
     rescale = _check_bool("rescale", rescale)
     check_generator("generator", generator, t.device)
@@ -115,15 +120,27 @@ def dare(t: torch.Tensor, density: float, *, rescale: bool = True, generator: Op
         return t.clone()
     if density <= 0:
         return torch.zeros_like(t)
+    if rescale:
+        _check_rescale_fits(t.dtype, amax, density)
     return dispatch("dare", backend, t, density, rescale, generator)
 
 
-def _della_epsilon(density: float, epsilon: float) -> float:
+def _check_rescale_fits(dtype: torch.dtype, amax: float, density: float) -> None:
+    """DARE's kept entries t / density must stay finite in t's dtype: refused up front from max |t| (with a
+    margin for the roundings of any backend), whatever the draw keeps, so an output never holds Inf."""
+    largest = torch.finfo(dtype).max
+    if amax / density > largest * (1 - 2.0 ** -8):
+        raise ValueError(f"dare: rescale=True divides the kept entries by density={density}, which overflows "
+                         f"{str(dtype).replace('torch.', '')} for t with |t| up to {amax:.4g} (its largest value is "
+                         f"{largest:.4g}); pass rescale=False, a larger density, or t in a wider dtype")
+
+
+def della_epsilon(density: float, epsilon: float, *, stacklevel: int = 3) -> float:
     """Shrink epsilon so that [density - epsilon, density + epsilon] stays inside [0, 1], with a warning."""
     limit = min(density, 1.0 - density)
     if epsilon > limit:
         warnings.warn(f"della_magprune: epsilon={epsilon} puts density +/- epsilon outside [0, 1] for "
-                      f"density={density}; using epsilon={limit}", RuntimeWarning, stacklevel=3)
+                      f"density={density}; using epsilon={limit}", RuntimeWarning, stacklevel=stacklevel)
         return limit
     return epsilon
 
@@ -150,5 +167,56 @@ def della_magprune(t: torch.Tensor, density: float, epsilon: float, *, rescale_n
         return t.clone()
     if density <= 0:
         return torch.zeros_like(t)
-    epsilon = _della_epsilon(density, epsilon)
+    epsilon = della_epsilon(density, epsilon)
     return dispatch("della_magprune", backend, t, density, epsilon, norm, generator)
+
+
+# ---------------------------------------------------------------- for the merge family
+
+KEY_NONE = 2**31 - 1   # an edge that nothing is before (p = 0): no key is larger
+KEY_ALL = -(2**31) + 2  # an edge that everything is before (p = n); K - 1 still fits an int32
+MAX_INPUTS = 8
+
+
+def select_edges(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], rows: Sequence[Tuple[int, int, bool]],
+                 *, magnitude: bool, backend: Optional[str] = None) -> torch.Tensor:
+    """Edges of the descending order of whole tensors: int32 [2, len(rows)] on the inputs' device (K, J).
+
+    inputs: 1 to 8 tensors of one shape, float dtype and device; base: None or like them. Keys: of |d|
+    (``magnitude``) or of d, d = t or t - base rounded to t's dtype, in the dtype's own width (the Triton
+    kernels' magnitude_key / order_key, reference.selection_keys). Row (m, p, later_first), 0 <= p <= n: the
+    first p entries of input m in the order (key descending, equal keys by flat index ascending, or
+    descending with ``later_first``) are exactly those with key > K, or key == K and index < J (index >= J
+    with later_first). p = 0 gives (KEY_NONE, 0 or n), p = n (KEY_ALL, 0). Nothing is read back to the host.
+    Inputs are not checked for NaN/Inf here (their keys order like any bits; callers check).
+    """
+    if not inputs or len(inputs) > MAX_INPUTS:
+        raise ValueError(f"inputs must hold 1 to {MAX_INPUTS} tensors, got {len(inputs)}")
+    n = inputs[0].numel()
+    out = torch.empty((2, len(rows)), dtype=torch.int32, device=inputs[0].device)
+    searched, trivial = [], []
+    for slot, (m, p, later_first) in enumerate(rows):
+        if not 0 <= m < len(inputs) or not 0 <= p <= n:
+            raise ValueError(f"rows[{slot}] = {(m, p, later_first)} must name an input and a position in [0, {n}]")
+        if 0 < p < n:
+            searched.append((m, p, bool(later_first), slot))
+        else:
+            trivial.append((slot, KEY_NONE if p == 0 else KEY_ALL, n if (p == 0 and later_first) else 0))
+    if trivial:
+        slots = [t[0] for t in trivial]
+        out[:, slots] = torch.tensor([[t[1] for t in trivial], [t[2] for t in trivial]], dtype=torch.int32
+                                     ).to(out.device)
+    if searched:
+        dispatch("select_edges", backend, list(inputs), base, searched, bool(magnitude), out)
+    return out
+
+
+def della_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], densities: Sequence[float],
+                 epsilons: Sequence[float], seeds: Sequence[int], active: Sequence[bool], norm: Optional[str], *,
+                 backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The DELLA task vectors of a merge (see reference.della_deltas): model i's t_i - base kept with the
+    probabilities of della_magprune (density_i, epsilon_i already shrunk by :func:`della_epsilon`), drawn with
+    seeds[i]; unmasked where not active[i]. Returns (deltas [N, ...], norm terms [P, 2, N] fp32 or None)."""
+    lo = [d - e for d, e in zip(densities, epsilons)]
+    span = [2.0 * e for e in epsilons]
+    return dispatch("della_deltas", backend, base, list(tensors), lo, span, list(seeds), list(active), norm)

@@ -1,13 +1,14 @@
-"""Triton kernels for the mask ops: N:M, top-k / magnitude threshold selection, DARE, DELLA.
+"""Triton kernels for the mask ops: N:M, the selection (select_edges, top-k, magnitude), DARE, DELLA.
 
-* top-k (whole tensor): order-preserving int32 keys of the fp32-upcast values (of |x| for magnitude), a radix
-  select over 8-bit digits (4 histogram passes for fp32, 3 for fp16, 2 for bf16; the prefix stays on the
-  device), then one pass that writes the mask or the masked tensor; ties at the threshold go to the lower
-  flat index through per-block tie counts and an exclusive scan (that pass runs only when ties must split).
-  Tensors up to SINGLE_PROGRAM_MAX elements, and every per-row selection, use one program per row: the row
-  is read once and the k-th key is found by a 32-step bitwise binary search on counts. On a GPU with the
-  extension, 'auto' sends whole-tensor selections to the CUDA backend (cuda.py, csrc/select.cu: shared-memory
-  histograms, 2.0-2.5x faster than these passes on an H200); this path serves CPUs and per-row selections.
+* selection: order-preserving int32 keys in the dtype's width (ops/_triton_common.py; of |x| for magnitude).
+  ``select_edges`` finds band edges over whole tensors by a radix select over 8-bit digits (4 passes for fp32,
+  2 for fp16 / bf16, each one read; the digit is picked on the device) and locates the tie at the edge from
+  the last pass's per-block counts. Whole-tensor top-k and magnitude are an edge plus one write pass; tensors
+  up to SINGLE_PROGRAM_MAX elements, and every per-row selection, use one program per row instead: the row is
+  read once and the k-th key is found by a 32-step bitwise binary search on counts. On a GPU with the
+  extension, 'auto' prefers the CUDA backend's selection (cuda.py, csrc/masks_select.cu: shared-memory
+  histograms, all rows of a merge in one read); this path serves CPUs, per-row selections and GPUs without
+  the extension.
 * DARE: one read, one write; counter-based Philox (one call per 4 elements), the counter being the flat
   index, so a seed reproduces the draw whatever the launch configuration.
 * DELLA: one program per row sorts (magnitude key, column) pairs once, takes mean ranks of equal magnitudes
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..._dispatch import register
+from .._triton_common import magnitude_key, order_key, round_to
 from . import reference
 
 
@@ -48,7 +50,7 @@ def _nm_mask_kernel(x_ptr, out_ptr, n_groups, N: tl.constexpr, M: tl.constexpr, 
     tl.store(out_ptr + base[:, None] + i[None, :], keep, mask=valid)
 
 
-@register("nm_mask", "triton")
+@register("nm_mask", "triton", dtypes=(torch.float32, torch.float16, torch.bfloat16))
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     x = scores.contiguous()
     out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -61,39 +63,11 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return out.view(torch.bool)
 
 
-# ---------------------------------------------------------------- shared helpers
+# ---------------------------------------------------------------- declarations
 
-_INT32_LIMIT = 2**31 - 1
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT32_LIMIT = {"numel": 2**31 - 1}  # flat indices are int32 in the selection's edges
 
-
-def _kernel_reasons(t: torch.Tensor) -> list:
-    reasons = []
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {str(t.dtype).replace('torch.', '')} is not supported by the Triton kernels "
-                       "(float32, float16, bfloat16 are)")
-    if t.numel() > _INT32_LIMIT:
-        reasons.append(f"{t.numel()} elements exceed the Triton kernels' 2**31 - 1 limit")
-    return reasons
-
-
-def _supports_first(*args, **kwargs):
-    return _kernel_reasons(args[0])
-
-
-@triton.jit
-def _order_key(x, ABS: tl.constexpr):
-    """int32 key with the order of the float values (of |x| when ABS); -0.0 and +0.0 get the same key."""
-    xf = x.to(tl.float32)
-    xf = tl.where(xf == 0.0, 0.0, xf)
-    bits = xf.to(tl.int32, bitcast=True)
-    if ABS:
-        return bits & 0x7FFFFFFF
-    # negative floats map to minus their magnitude bits: a larger float gets a larger signed integer, and
-    # the low bits that a 16-bit float leaves zero in its fp32 upcast stay zero (two radix digits decide)
-    return tl.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
-
-
-# ---------------------------------------------------------------- top-k select: one row per program
 
 def _tuned(key, warps):
     """Autotune num_warps on a GPU (for idempotent kernels only: each trial rewrites the whole output);
@@ -105,9 +79,21 @@ def _tuned(key, warps):
     return deco
 
 
-@_tuned(key=["BLOCK", "SINGLE", "ABS", "WRITE_VALUES"], warps=(2, 4, 8, 16))
 @triton.jit
-def _topk_rows_kernel(x_ptr, out_ptr, n, k, ABS: tl.constexpr, WRITE_VALUES: tl.constexpr,
+def _key(x, MAGNITUDE: tl.constexpr):
+    """The selection key of x (see ops/_triton_common.py): of |x| for magnitude, of x for top-k."""
+    if MAGNITUDE:
+        k = magnitude_key(x)
+    else:
+        k = order_key(x)
+    return k
+
+
+# ---------------------------------------------------------------- top-k: one row per program
+
+@_tuned(key=["BLOCK", "SINGLE", "MAGNITUDE", "WRITE_VALUES"], warps=(2, 4, 8, 16))
+@triton.jit
+def _topk_rows_kernel(x_ptr, out_ptr, n, k, MAGNITUDE: tl.constexpr, WRITE_VALUES: tl.constexpr,
                       BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     """Per row of n: the k-th largest key T by a bitwise binary search (32 counting steps over the row),
     then keep key > T plus the first k - #(key > T) entries equal to T (lowest index first).
@@ -121,7 +107,7 @@ def _topk_rows_kernel(x_ptr, out_ptr, n, k, ABS: tl.constexpr, WRITE_VALUES: tl.
     if SINGLE:
         valid = offs < n
         x = tl.load(x_ptr + base + offs, mask=valid, other=0.0)
-        key = _order_key(x, ABS)
+        key = _key(x, MAGNITUDE)
     thr = tl.full((), -2147483648, tl.int64)
     for b in tl.static_range(32):
         cand = (thr + (1 << (31 - b))).to(tl.int32)
@@ -134,7 +120,7 @@ def _topk_rows_kernel(x_ptr, out_ptr, n, k, ABS: tl.constexpr, WRITE_VALUES: tl.
                 o = start + offs
                 start += BLOCK
                 v = o < n
-                kk = _order_key(tl.load(x_ptr + base + o, mask=v, other=0.0), ABS)
+                kk = _key(tl.load(x_ptr + base + o, mask=v, other=0.0), MAGNITUDE)
                 cnt += tl.sum(((kk >= cand) & v).to(tl.int32), axis=0)
         thr = tl.where(cnt >= k, cand.to(tl.int64), thr)
     t32 = thr.to(tl.int32)
@@ -155,7 +141,7 @@ def _topk_rows_kernel(x_ptr, out_ptr, n, k, ABS: tl.constexpr, WRITE_VALUES: tl.
             o = start + offs
             start += BLOCK
             v = o < n
-            kk = _order_key(tl.load(x_ptr + base + o, mask=v, other=0.0), ABS)
+            kk = _key(tl.load(x_ptr + base + o, mask=v, other=0.0), MAGNITUDE)
             gt += tl.sum(((kk > t32) & v).to(tl.int32), axis=0)
         need = k - gt
         seen = tl.zeros((), tl.int32)
@@ -165,7 +151,7 @@ def _topk_rows_kernel(x_ptr, out_ptr, n, k, ABS: tl.constexpr, WRITE_VALUES: tl.
             start += BLOCK
             v = o < n
             xx = tl.load(x_ptr + base + o, mask=v, other=0.0)
-            kk = _order_key(xx, ABS)
+            kk = _key(xx, MAGNITUDE)
             tie = (kk == t32) & v
             before = seen + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
             keep = ((kk > t32) & v) | (tie & (before < need))
@@ -176,173 +162,207 @@ def _topk_rows_kernel(x_ptr, out_ptr, n, k, ABS: tl.constexpr, WRITE_VALUES: tl.
                 tl.store(out_ptr + base + o, keep.to(tl.int8), mask=v)
 
 
-# ---------------------------------------------------------------- top-k select: whole tensor, radix passes
-
-# 8-bit digits of the 32-bit key, most significant first: tl.histogram costs grow with the bin count (2048
-# bins made each pass ~15x slower than a read on an H100); bf16 / fp16 keys are decided by 2 / 3 digits
-_DIGITS = {torch.float32: (8, 8, 8, 8), torch.float16: (8, 8, 8), torch.bfloat16: (8, 8)}
-_NBINS = 256
-_HIST_BLOCK = 4096
-_WRITE_BLOCK = 4096
-
-
-@triton.jit
-def _radix_hist_kernel(x_ptr, hist_ptr, state_ptr, n, n_iters, nprog, ABS: tl.constexpr, SHIFT: tl.constexpr,
-                       DIGIT_BITS: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram of one digit (bits SHIFT .. SHIFT+DIGIT_BITS of the unsigned key) over the entries whose
-    higher digits equal the prefix chosen so far (state[0]); each program loops over blocks and adds its
-    private histogram to the global one once."""
-    pid = tl.program_id(0)
-    prefix = tl.load(state_ptr)
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((NBINS,), tl.int32)
-    it = 0
-    while it < n_iters:  # a while loop: Triton's interpreter cannot range() over a runtime bound
-        o = (pid + it * nprog).to(tl.int64) * BLOCK + offs
-        it += 1
-        v = o < n
-        u = _order_key(tl.load(x_ptr + o, mask=v, other=0.0), ABS).to(tl.int64) + 2147483648
-        match = v & ((u >> (SHIFT + DIGIT_BITS)) == prefix)
-        digit = ((u >> SHIFT) & ((1 << DIGIT_BITS) - 1)).to(tl.int32)
-        acc += tl.histogram(digit, NBINS, mask=match)
-    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), acc)
-
-
-@triton.jit
-def _radix_select_kernel(hist_ptr, state_ptr, DIGIT_BITS: tl.constexpr, NBINS: tl.constexpr):
-    """Pick the digit holding the k-th largest remaining entry: state = [prefix, k_left, n_equal].
-    Zeroes the histogram for the next pass."""
-    b = tl.arange(0, NBINS)
-    h = tl.load(hist_ptr + b).to(tl.int64)
-    k_left = tl.load(state_ptr + 1)
-    at_or_above = tl.cumsum(h, axis=0, reverse=True)
-    chosen = tl.max(tl.where(at_or_above >= k_left, b, -1), axis=0)
-    sel = b == chosen
-    above = tl.sum(tl.where(sel, at_or_above - h, 0), axis=0)
-    equal = tl.sum(tl.where(sel, h, 0), axis=0)
-    prefix = tl.load(state_ptr)
-    tl.store(state_ptr, (prefix << DIGIT_BITS) | chosen.to(tl.int64))
-    tl.store(state_ptr + 1, k_left - above)
-    tl.store(state_ptr + 2, equal)
-    tl.store(hist_ptr + b, tl.zeros((NBINS,), tl.int32))
-
-
-@triton.jit
-def _tie_count_kernel(x_ptr, counts_ptr, n, thr, ABS: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    v = o < n
-    u = _order_key(tl.load(x_ptr + o, mask=v, other=0.0), ABS).to(tl.int64) + 2147483648
-    tl.store(counts_ptr + pid, tl.sum(((u == thr) & v).to(tl.int32), axis=0))
-
-
-@triton.jit
-def _threshold_write_kernel(x_ptr, out_ptr, ties_before_ptr, n, thr, need, ABS: tl.constexpr,
-                            TIES: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK: tl.constexpr):
-    """keep = key > thr, plus (TIES) the entries equal to thr whose global tie index is < need."""
-    pid = tl.program_id(0)
-    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    v = o < n
-    x = tl.load(x_ptr + o, mask=v, other=0.0)
-    u = _order_key(x, ABS).to(tl.int64) + 2147483648
-    if TIES:
-        tie = ((u == thr) & v).to(tl.int32)
-        rank = tl.load(ties_before_ptr + pid) + tl.cumsum(tie, axis=0) - tie
-        keep = (u > thr) | ((tie > 0) & (rank < need))
-    else:
-        keep = u >= thr
-    if WRITE_VALUES:
-        tl.store(out_ptr + o, tl.where(keep, x, 0.0), mask=v)
-    else:
-        tl.store(out_ptr + o, keep.to(tl.int8), mask=v)
-
-
-# Whole-tensor selections up to this many elements run in one program (one read); larger ones use the
-# radix passes. A module attribute so tests can force the radix path on small tensors.
+# Whole-tensor selections up to this many elements run in one program (one read); larger ones find their edge
+# with select_edges. A module attribute so tests can force the radix path on small tensors.
 SINGLE_PROGRAM_MAX = 16384
 _ROW_BLOCK_MAX = 16384
 
 
-def _num_programs(device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _select_rows(x: torch.Tensor, k: int, *, abs_: bool, values: bool) -> torch.Tensor:
-    """x [rows, n] contiguous: per row keep the k largest (of |x| when abs_); int8 mask or masked values."""
+def _select_rows(x: torch.Tensor, k: int, *, magnitude: bool, values: bool) -> torch.Tensor:
+    """x [rows, n] contiguous: per row keep the k largest (of |x| with magnitude); int8 mask or masked values."""
     rows, n = x.shape
     out = torch.empty(x.shape, dtype=x.dtype if values else torch.int8, device=x.device)
     if x.numel() == 0:
         return out
     block = min(max(16, triton.next_power_of_2(n)), _ROW_BLOCK_MAX)
-    _topk_rows_kernel[(rows,)](x, out, n, k, ABS=abs_, WRITE_VALUES=values, BLOCK=block, SINGLE=n <= block)
+    _topk_rows_kernel[(rows,)](x, out, n, k, MAGNITUDE=magnitude, WRITE_VALUES=values, BLOCK=block,
+                               SINGLE=n <= block)
     return out
 
 
-def _select_whole(x: torch.Tensor, k: int, *, abs_: bool, values: bool) -> torch.Tensor:
-    """x flat contiguous [n]: keep the k largest (of |x| when abs_) over the whole tensor."""
+# ---------------------------------------------------------------- select_edges: radix select over whole tensors
+
+# Entries per program of the digit passes, which is also the granularity at which ties are located. A module
+# attribute so tests can force many blocks on small tensors.
+SELECT_BLOCK = 4096
+_BINS = 256
+_CUMSUM_BLOCK = 1024  # blocks' counts scanned per step when the tie is located
+
+
+@triton.jit
+def _edge_key(t_ptr, base_ptr, o, m, MAGNITUDE: tl.constexpr, HAS_BASE: tl.constexpr, WIDTH: tl.constexpr):
+    """The key of entries o (of t, or of t - base rounded to t's dtype), offset by 2**(WIDTH-1) into
+    [0, 2**WIDTH) as an int64, so that its 8-bit digits from the top order it."""
+    x = tl.load(t_ptr + o, mask=m, other=0.0)
+    if HAS_BASE:
+        b = tl.load(base_ptr + o, mask=m, other=0.0)
+        d = round_to(x.to(tl.float32) - b.to(tl.float32), x.dtype).to(x.dtype)
+    else:
+        d = x
+    return _key(d, MAGNITUDE).to(tl.int64) + (1 << (WIDTH - 1))
+
+
+@triton.jit
+def _edge_hist_kernel(t_ptr, base_ptr, n, state_ptr, counts_ptr, shift, FIRST: tl.constexpr,
+                      MAGNITUDE: tl.constexpr, HAS_BASE: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """counts[block, 256]: this block's histogram of the 8-bit digit at ``shift`` among the entries whose
+    higher digits equal the prefix chosen so far (state[0]; none before the first pass)."""
+    pid = tl.program_id(0)
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    u = _edge_key(t_ptr, base_ptr, o, m, MAGNITUDE, HAS_BASE, WIDTH)
+    if FIRST:
+        prefix = tl.zeros((), tl.int64)
+    else:
+        prefix = tl.load(state_ptr)
+    match = m & ((u >> (shift + 8)) == prefix)
+    digit = ((u >> shift) & 255).to(tl.int32)
+    tl.store(counts_ptr + pid * 256 + tl.arange(0, 256), tl.histogram(digit, 256, mask=match))
+
+
+@triton.jit
+def _edge_pick_kernel(hist_ptr, state_ptr, p, FIRST: tl.constexpr):
+    """Pick the digit holding the rem-th largest remaining entry (rem = p on the first pass):
+    state = [prefix, rem, ties] becomes [prefix * 256 + digit, rank inside the digit, its count]."""
+    b = tl.arange(0, 256)
+    h = tl.load(hist_ptr + b).to(tl.int64)
+    if FIRST:
+        rem = tl.full((), p, tl.int64)
+        prefix = tl.zeros((), tl.int64)
+    else:
+        rem = tl.load(state_ptr + 1)
+        prefix = tl.load(state_ptr)
+    at_or_above = tl.cumsum(h, axis=0, reverse=True)
+    chosen = tl.max(tl.where(at_or_above >= rem, b, -1), axis=0)
+    sel = b == chosen
+    above = tl.sum(tl.where(sel, at_or_above - h, 0), axis=0)
+    tl.store(state_ptr, (prefix << 8) | chosen.to(tl.int64))
+    tl.store(state_ptr + 1, rem - above)
+    tl.store(state_ptr + 2, tl.sum(tl.where(sel, h, 0), axis=0))
+
+
+@triton.jit
+def _edge_locate_kernel(t_ptr, base_ptr, n, state_ptr, counts_ptr, nblocks, out_ptr, out_stride, slot,
+                        LATER_FIRST: tl.constexpr, MAGNITUDE: tl.constexpr, HAS_BASE: tl.constexpr,
+                        WIDTH: tl.constexpr, BLOCK: tl.constexpr, CUMSUM_BLOCK: tl.constexpr):
+    """The edge (K, J) from the final state: J is the flat index of the equal entry of 0-based rank j in index
+    order (j = rem, or ties - rem with LATER_FIRST), n when there is none. The last pass's per-block counts of
+    K's digit give the block holding it and its rank inside; one scan of that block gives its index."""
+    u_key = tl.load(state_ptr)
+    rem = tl.load(state_ptr + 1)
+    ties = tl.load(state_ptr + 2)
+    if LATER_FIRST:
+        j = ties - rem
+    else:
+        j = rem
+    digit = (u_key & 255).to(tl.int32)
+    # blocks whose running count of equal entries stays <= j come before the one holding entry j
+    blk = tl.zeros((), tl.int64)
+    before = tl.zeros((), tl.int64)
+    run = tl.zeros((), tl.int64)
+    start = 0
+    while start < nblocks:
+        r = start + tl.arange(0, CUMSUM_BLOCK)
+        c = tl.load(counts_ptr + r.to(tl.int64) * 256 + digit, mask=r < nblocks, other=0).to(tl.int64)
+        incl = run + tl.cumsum(c, axis=0)
+        done = (incl <= j) & (r < nblocks)
+        blk += tl.sum(done.to(tl.int64), axis=0)
+        before += tl.sum(tl.where(done, c, 0), axis=0)
+        run += tl.sum(c, axis=0)
+        start += CUMSUM_BLOCK
+    o = blk * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    tie = (m & (_edge_key(t_ptr, base_ptr, o, m, MAGNITUDE, HAS_BASE, WIDTH) == u_key)).to(tl.int64)
+    hit = (tie > 0) & (tl.cumsum(tie, axis=0) - tie == j - before)
+    found = tl.sum(tl.where(hit, o, 0), axis=0)
+    J = tl.where(j < ties, found, n)
+    tl.store(out_ptr + slot, (u_key - (1 << (WIDTH - 1))).to(tl.int32))
+    tl.store(out_ptr + out_stride + slot, J.to(tl.int32))
+
+
+@register("select_edges", "triton", tensor="inputs", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
+def select_edges(inputs, base, rows, magnitude, out):
+    """Each row's edge by most-significant-digit radix select: per 8-bit digit one pass over its input (each
+    block's histogram of the digit among the entries matching the prefix so far) and a one-program pick of
+    the digit on the device; then one program locates J. Nothing is read back to the host."""
+    x0 = inputs[0]
+    n = x0.numel()
+    width = 32 if x0.dtype == torch.float32 else 16
+    nblocks = triton.cdiv(n, SELECT_BLOCK)
+    counts = torch.empty((nblocks, _BINS), dtype=torch.int32, device=x0.device)
+    state = torch.empty(3, dtype=torch.int64, device=x0.device)
+    has_base = base is not None
+    for m, p, later_first, slot in rows:
+        t = inputs[m]
+        flags = dict(MAGNITUDE=bool(magnitude), HAS_BASE=has_base, WIDTH=width)
+        for shift in range(width - 8, -1, -8):
+            first = shift == width - 8
+            _edge_hist_kernel[(nblocks,)](t, base if has_base else t, n, state, counts, shift, FIRST=first,
+                                          BLOCK=SELECT_BLOCK, **flags)
+            _edge_pick_kernel[(1,)](counts.sum(0, dtype=torch.int64), state, p, FIRST=first)
+        _edge_locate_kernel[(1,)](t, base if has_base else t, n, state, counts, nblocks, out, out.stride(0), slot,
+                                  LATER_FIRST=bool(later_first), BLOCK=SELECT_BLOCK, CUMSUM_BLOCK=_CUMSUM_BLOCK,
+                                  **flags)
+
+
+@triton.jit
+def _edge_write_kernel(x_ptr, out_ptr, n, edge_ptr, MAGNITUDE: tl.constexpr, VALUES: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """keep = key > K, or key == K and index < J (the edge at edge[0], edge[1]); x where kept (VALUES) or an
+    int8 0/1 mask."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    x = tl.load(x_ptr + o, mask=m, other=0.0)
+    key = _key(x, MAGNITUDE)
+    K = tl.load(edge_ptr)
+    J = tl.load(edge_ptr + 1)
+    keep = (key > K) | ((key == K) & (o < J))
+    if VALUES:
+        tl.store(out_ptr + o, tl.where(keep, x, 0.0), mask=m)
+    else:
+        tl.store(out_ptr + o, keep.to(tl.int8), mask=m)
+
+
+_WRITE_BLOCK = 4096
+
+
+def _select_whole(x: torch.Tensor, k: int, *, magnitude: bool, values: bool) -> torch.Tensor:
+    """x flat contiguous [n], 0 < k < n: keep the k largest (of |x| with magnitude) over the whole tensor."""
     n = x.numel()
     if n <= SINGLE_PROGRAM_MAX:
-        return _select_rows(x.view(1, n), k, abs_=abs_, values=values).view(n)
-    # 16-bit floats upcast exactly to fp32 keys whose low 16 (bf16) / 13 (fp16) bits are zero
-    digits = _DIGITS[x.dtype]
-    state = torch.tensor([0, k, 0], dtype=torch.int64, device=x.device)
-    hist = torch.zeros(_NBINS, dtype=torch.int32, device=x.device)
-    n_blocks = triton.cdiv(n, _HIST_BLOCK)
-    grid = (min(n_blocks, _num_programs(x.device)),)
-    shift = 32
-    for bits in digits:
-        shift -= bits
-        _radix_hist_kernel[grid](x, hist, state, n, triton.cdiv(n_blocks, grid[0]), grid[0], ABS=abs_,
-                                 SHIFT=shift, DIGIT_BITS=bits, NBINS=_NBINS, BLOCK=_HIST_BLOCK, num_warps=8)
-        _radix_select_kernel[(1,)](hist, state, DIGIT_BITS=bits, NBINS=_NBINS, num_warps=4)
-    prefix, need, equal = state.tolist()
-    thr = prefix << shift
+        return _select_rows(x.view(1, n), k, magnitude=magnitude, values=values).view(n)
+    edge = torch.empty((2, 1), dtype=torch.int32, device=x.device)
+    select_edges([x], None, [(0, k, False, 0)], magnitude, edge)
     out = torch.empty(n, dtype=x.dtype if values else torch.int8, device=x.device)
-    w_blocks = triton.cdiv(n, _WRITE_BLOCK)
-    ties = need < equal
-    before = state  # unused placeholder pointer when there are no ties to split
-    if ties:
-        counts = torch.empty(w_blocks, dtype=torch.int32, device=x.device)
-        _tie_count_kernel[(w_blocks,)](x, counts, n, thr, ABS=abs_, BLOCK=_WRITE_BLOCK, num_warps=8)
-        before = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
-    _threshold_write_kernel[(w_blocks,)](x, out, before, n, thr, need, ABS=abs_, TIES=ties,
-                                         WRITE_VALUES=values, BLOCK=_WRITE_BLOCK, num_warps=8)
+    _edge_write_kernel[(triton.cdiv(n, _WRITE_BLOCK),)](x, out, n, edge, MAGNITUDE=magnitude, VALUES=values,
+                                                        BLOCK=_WRITE_BLOCK, num_warps=8)
     return out
 
 
-@register("topk_mask", "triton", supports=_supports_first)
+@register("topk_mask", "triton", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
 def topk_mask(scores: torch.Tensor, k: int, dim) -> torch.Tensor:
     if dim is None:
         flat = scores.contiguous().view(-1)
         if k == 0 or k >= flat.numel():
             return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
-        return _select_whole(flat, k, abs_=False, values=False).view(torch.bool).view(scores.shape)
+        return _select_whole(flat, k, magnitude=False, values=False).view(torch.bool).view(scores.shape)
     moved = scores.movedim(dim, -1)
     n = moved.shape[-1]
     if k == 0 or k >= n or moved.numel() == 0:
         return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
     rows = moved.contiguous().view(-1, n)
-    mask = _select_rows(rows, k, abs_=False, values=False).view(torch.bool).view(moved.shape)
+    mask = _select_rows(rows, k, magnitude=False, values=False).view(torch.bool).view(moved.shape)
     return mask.movedim(-1, dim)
 
 
-@register("magnitude_prune", "triton", supports=_supports_first)
+@register("magnitude_prune", "triton", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
 def magnitude_prune(t: torch.Tensor, k: int, rescale_norm) -> torch.Tensor:
     flat = t.contiguous().view(-1)
-    masked = flat.clone() if k >= flat.numel() else _select_whole(flat, k, abs_=True, values=True)
-    return reference.rescale_masked(t, masked.view(t.shape), rescale_norm)
+    masked = flat.clone() if k >= flat.numel() else _select_whole(flat, k, magnitude=True, values=True)
+    return reference.rescale_masked(t, masked.view(t.shape), rescale_norm, op="magnitude_prune")
 
 
 # ---------------------------------------------------------------- DARE
-
-def draw_seed(generator) -> int:
-    """A 31-bit seed for the in-kernel Philox generator, drawn from ``generator`` (or torch's default)."""
-    if generator is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
-
 
 def _keep_probability(t: torch.Tensor, p: float) -> float:
     # as the reference (mergekit): the probability is rounded to the work dtype before the draw
@@ -396,9 +416,9 @@ def dare_with_seed(t: torch.Tensor, density: float, rescale: bool, seed: int) ->
     return out.view(t.shape)
 
 
-@register("dare", "triton", supports=_supports_first)
+@register("dare", "triton", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
 def dare(t: torch.Tensor, density: float, rescale: bool, generator) -> torch.Tensor:
-    return dare_with_seed(t, density, rescale, draw_seed(generator))
+    return dare_with_seed(t, density, rescale, reference.draw_seed(generator))
 
 
 # ---------------------------------------------------------------- DELLA
@@ -457,9 +477,8 @@ def _bernoulli_keep_kernel(x_ptr, p_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
     tl.store(out_ptr + o, tl.where(_block_uniforms(seed, start, BLOCK) < p, x, 0.0), mask=v)
 
 
-# Longer rows are ranked by torch (one sort), then drawn by the fused kernel. On an H200 (2026-12-01) rows of
-# 8192 sorted in registers ran at 0.67x mergekit's time, but rows of 11008 (padded to 16384) took ~0.9 s per
-# 4096 x 11008 tensor in the whole-model merge: the in-register sort falls off a cliff past 8192.
+# Longer rows are ranked by torch (one sort), then drawn by the fused kernel: the in-register sort falls off a
+# performance cliff past 8192 entries (BENCHMARKS.md).
 DELLA_SORT_MAX = 8192
 
 
@@ -471,8 +490,8 @@ def della_with_seed(t: torch.Tensor, density: float, epsilon: float, rescale_nor
     if x.numel():
         rows = x.numel() // n
         lo, span = density - epsilon, 2.0 * epsilon
-        # float32 rows padded to a power of two missed the reference ranks on an H200 (2026-12-01, 256 x 11008)
-        # while the same kernel passed unpadded: such rows take the torch-ranked path until that is fixed
+        # float32 rows padded to a power of two missed the reference ranks on the GPU while the same kernel
+        # passed unpadded: such rows take the torch-ranked path until that is understood
         padded_fp32 = x.dtype == torch.float32 and n & (n - 1) != 0
         if n <= DELLA_SORT_MAX and not padded_fp32:
             block = max(16, triton.next_power_of_2(n))
@@ -482,9 +501,10 @@ def della_with_seed(t: torch.Tensor, density: float, epsilon: float, rescale_nor
         else:
             keep_with_probabilities(x, reference.della_probabilities(x, density, epsilon), seed, out=out)
     out = out.view(t.shape)
-    return reference.rescale_masked(t, out, rescale_norm)
+    return reference.rescale_masked(t, out, rescale_norm, op="della_magprune")
 
 
+@register("keep_with_probabilities", "triton", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
 def keep_with_probabilities(x: torch.Tensor, probs: torch.Tensor, seed: int, out=None) -> torch.Tensor:
     """x where u(seed, flat index) < probs, else 0 (x contiguous, probs fp32 of x's shape; written into ``out``
     when given): the draw of every DELLA path, so one seed gives one result whichever backend ranked the rows."""
@@ -495,9 +515,21 @@ def keep_with_probabilities(x: torch.Tensor, probs: torch.Tensor, seed: int, out
     return out
 
 
-@register("della_magprune", "triton", supports=_supports_first)
+@register("della_magprune", "triton", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
 def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm, generator) -> torch.Tensor:
-    return della_with_seed(t, density, epsilon, rescale_norm, draw_seed(generator))
+    return della_with_seed(t, density, epsilon, rescale_norm, reference.draw_seed(generator))
+
+
+@register("della_deltas", "triton", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
+def della_deltas(base, tensors, lo, span, seeds, active, norm):
+    """reference.della_deltas with the documented Philox draw: the deltas are materialised (checked finite)
+    and each active one is drawn by keep_with_probabilities on the reference's probabilities."""
+    deltas = reference.task_vectors(base, tensors)
+    for i, d in enumerate(deltas):
+        if active[i]:
+            probs = reference.della_probabilities_between(d, lo[i], span[i])
+            deltas[i] = keep_with_probabilities(d.contiguous(), probs, seeds[i]).view(d.shape)
+    return reference.stack_with_norm_terms(base, tensors, deltas, norm)
 
 
 @triton.jit

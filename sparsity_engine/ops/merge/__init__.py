@@ -1,6 +1,7 @@
 """Merge ops: TIES sign consensus, Model Breadcrumbs and mergekit's generalized task arithmetic.
 
-Each public function validates its arguments, then dispatches to a backend (reference | triton).
+Each public function validates its arguments, then dispatches to a backend (reference | triton | cuda: the
+Triton fused pass, with the masks family's CUDA selection and DELLA kernels).
 """
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ..._dispatch import choose, dispatch, import_backend
-from ..._validate import (FLOAT_DTYPES, check_choice, check_finite, check_fraction, check_generator, check_tensor,
-                          is_real_number)
+from ..._validate import (FLOAT_DTYPES, check_choice, check_finite, check_fraction, check_generator, check_result,
+                          check_tensor, is_real_number)
 from . import reference  # noqa: F401  (registers the oracle)
 
-import_backend(__name__, "triton")
-import_backend(__name__, "cuda")
+import_backend(__name__, "triton")  # registers the 'triton' and 'cuda' merges (see triton.py)
 
 
 class MethodSpec(NamedTuple):
@@ -192,9 +192,11 @@ def merge_task_vectors(base: torch.Tensor, tensors, weights, *, method: str, den
     kwargs = dict(spars=spec.sparsification, consensus=consensus, densities=densities, epsilons=epsilons,
                   gammas=gammas, lambda_=lam, normalize=normalize, rescale_norm=rescale_norm, generator=generator)
     impl = choose("merge_task_vectors", backend, *args, **kwargs)
-    if impl.backend == "reference":
-        # kernels flag non-finite inputs during their own pass; the reference checks up front
-        check_finite("base", base)
-        for i, t in enumerate(tensors):
-            check_finite(f"tensors[{i}]", t)
-    return impl.fn(*args, **kwargs)
+    if impl.backend != "reference":
+        return impl.fn(*args, **kwargs)  # the kernels flag NaN/Inf inputs and overflowing outputs in their pass
+    check_finite("base", base)
+    for i, t in enumerate(tensors):
+        check_finite(f"tensors[{i}]", t)
+    out = impl.fn(*args, **kwargs)
+    check_result("merge_task_vectors", out, "the weights, lambda_ or the rescale push it past the dtype's range")
+    return out

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..._dispatch import register
-from ..masks.reference import RESCALE_EPS, rescale_masked  # noqa: F401  (mergekit's rescale, one definition)
+from ..masks import RESCALE_EPS, rescale_masked  # noqa: F401  (mergekit's rescale, one definition)
 
 
 # ------------------------------------------------------------------ consensus
@@ -87,7 +87,7 @@ def magnitude_outliers(t: torch.Tensor, density: float, gamma: float, rescale_no
         return t
     lo, hi = breadcrumbs_band(t.numel(), density, gamma)
     masked = t * band_mask(t, lo, hi, later_first=True).to(t.dtype)
-    return rescale_masked(t, masked, rescale_norm)
+    return rescale_masked(t, masked, rescale_norm, op="magnitude_outliers")
 
 
 # ------------------------------------------------------------------ generalized task arithmetic
@@ -122,7 +122,7 @@ def sparsify_delta(delta: torch.Tensor, spars: Optional[str], density: float, *,
         masked = della_magprune(delta, density, epsilon, generator=generator, backend=backend)
     else:
         raise ValueError(f"unknown sparsification {spars!r}")
-    return rescale_masked(delta, masked, rescale_norm)
+    return rescale_masked(delta, masked, rescale_norm, op="merge_task_vectors")
 
 
 @register("merge_task_vectors", "reference")

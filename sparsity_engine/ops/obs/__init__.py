@@ -11,7 +11,8 @@ from numbers import Real
 import torch
 
 from ..._dispatch import dispatch, import_backend
-from ..._validate import ALL_FLOAT_DTYPES, check_fraction, check_int, check_same_device, check_tensor
+from ..._validate import (ALL_FLOAT_DTYPES, check_fraction, check_int, check_result, check_same_device,
+                          check_tensor, finite_amax)
 from . import reference  # noqa: F401  (registers the oracle)
 from .reference import PruneResult
 
@@ -21,7 +22,7 @@ __all__ = ["PruneResult", "sparsegpt_prune", "prune_task_vector", "importance_sc
 
 
 def _check_weight_hessian(wname: str, weight, hessian) -> None:
-    check_tensor(wname, weight, ndim=2, dtypes=ALL_FLOAT_DTYPES, nonempty=True, finite=True)
+    check_tensor(wname, weight, ndim=2, dtypes=ALL_FLOAT_DTYPES, nonempty=True)
     check_tensor("hessian", hessian, ndim=2, dtypes=ALL_FLOAT_DTYPES)
     cols = weight.shape[1]
     if tuple(hessian.shape) != (cols, cols):
@@ -82,7 +83,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     sparsity = check_fraction("sparsity", sparsity)
     prune_n, prune_m, blocksize = _check_pattern(prune_n, prune_m, blocksize, weight.shape[1])
     percdamp = _check_percdamp(percdamp)
-    return dispatch("sparsegpt_prune", backend, weight, hessian, sparsity, prune_n, prune_m, blocksize, percdamp)
+    return _prune("sparsegpt_prune", "weight", weight, hessian, sparsity, prune_n, prune_m, blocksize, percdamp,
+                  backend)
 
 
 def prune_task_vector(delta: torch.Tensor, hessian: torch.Tensor, *, density: float, rescale: bool = False,
@@ -104,23 +106,67 @@ def prune_task_vector(delta: torch.Tensor, hessian: torch.Tensor, *, density: fl
         raise ValueError(f"density={density} does not match the N:M pattern (prune_n={prune_n} of "
                          f"prune_m={prune_m} pruned keeps {1 - prune_n / prune_m:g})")
     percdamp = _check_percdamp(percdamp)
-    res = dispatch("sparsegpt_prune", backend, delta, hessian, 1.0 - density, prune_n, prune_m, blocksize,
-                   percdamp)
+    res = _prune("prune_task_vector", "delta", delta, hessian, 1.0 - density, prune_n, prune_m, blocksize, percdamp,
+                 backend)
     if rescale and density > 0:
         res = res._replace(weight=(res.weight.to(torch.float32) / density).to(delta.dtype)
                            if delta.dtype != torch.float64 else res.weight / density)
+        check_result("prune_task_vector", res.weight, f"rescale=True divides the kept entries by density={density}")
+    return res
+
+
+# Scores w^2 / d^2 (d = U_jj, U the factor of the damped inverse Hessian, so d^2 >= 1 / H_d,jj) and the w^2
+# they are formed from stay below max w^2 * max(1, max diag(H_d)). Where that bound comes within SCORE_HEADROOM of the compute dtype's range (never for
+# real weights and Hessians), the weight is scaled by a power of two first: exact, so the masks are the ones the
+# unscaled computation would choose if it could, and the pruned weight and the loss scale back exactly.
+SCORE_HEADROOM = 2.0 ** 28
+
+
+def _prune(op: str, wname: str, weight: torch.Tensor, hessian: torch.Tensor, sparsity, prune_n, prune_m, blocksize,
+           percdamp, backend) -> PruneResult:
+    amax = finite_amax(wname, weight)
+    compute = reference.compute_dtype(weight, hessian)
+    hmax = float(hessian.diagonal().abs().max())
+    bound = amax * amax * max(1.0, hmax * (1.0 + percdamp))  # w^2 itself is formed first
+    limit = torch.finfo(compute).max / SCORE_HEADROOM
+    shift = 0
+    if bound > limit:
+        shift = math.ceil(math.log2(bound / limit) / 2)
+        weight_in = weight.to(compute) * 2.0 ** -shift  # a power of two: exact
+    else:
+        weight_in = weight
+    res = dispatch("sparsegpt_prune", backend, weight_in, hessian, sparsity, prune_n, prune_m, blocksize, percdamp)
+    if shift:
+        loss = res.loss.double() * 4.0 ** shift
+        if not bool(torch.isfinite(loss.float()).all()):
+            raise ValueError(f"{op}: the per-row loss overflows float32 for {wname} with |values| up to {amax:.4g} and "
+                             f"a hessian diagonal up to {hmax:.4g}; scale {wname} (or the hessian) down")
+        res = PruneResult((res.weight.to(compute) * 2.0 ** shift).to(weight.dtype), res.mask, loss.float())
+    check_result(op, res.weight, f"the error compensation pushes the kept entries of {wname} past the dtype's range")
+    check_result(op, res.loss, f"the per-row loss of {wname} overflows; scale {wname} (or the hessian) down")
     return res
 
 
 def importance_scores(weight: torch.Tensor, hinv_diag: torch.Tensor, *, backend: str = None) -> torch.Tensor:
     """SparseGPT saliency ``w_ij^2 / hinv_diag_j^2``: weight [..., cols], hinv_diag [cols] (the diagonal of
     the inverse-Hessian factor, nonzero). Returns float32 (float64 for float64 inputs), weight's shape."""
-    check_tensor("weight", weight, min_ndim=1, dtypes=ALL_FLOAT_DTYPES, finite=True)
+    check_tensor("weight", weight, min_ndim=1, dtypes=ALL_FLOAT_DTYPES)
+    amax = finite_amax("weight", weight)
     check_tensor("hinv_diag", hinv_diag, ndim=1, dtypes=ALL_FLOAT_DTYPES, finite=True)
     if hinv_diag.shape[0] != weight.shape[-1]:
         raise ValueError(f"hinv_diag must have weight.shape[-1] = {weight.shape[-1]} entries, "
                          f"got {hinv_diag.shape[0]}")
     check_same_device(("weight", weight), ("hinv_diag", hinv_diag))
-    if bool((hinv_diag == 0).any()):
+    dmin = float(hinv_diag.abs().min()) if hinv_diag.numel() else 1.0
+    if dmin == 0:
         raise ValueError("hinv_diag must be nonzero (it is the diagonal of a Cholesky factor)")
-    return dispatch("importance_scores", backend, weight, hinv_diag)
+    scores = dispatch("importance_scores", backend, weight, hinv_diag)
+    largest = torch.finfo(scores.dtype).max
+    if amax * amax < largest / 4 and (amax / dmin) ** 2 < largest / 4:
+        return scores  # neither w^2 nor the quotient can overflow: the common case, decided without a read
+    if bool(torch.isfinite(scores).all()):
+        return scores
+    wide = reference.importance_scores(weight.double(), hinv_diag.double())  # w^2 overflowed, the score may not
+    return check_result("importance_scores", wide.to(scores.dtype),
+                        f"w^2 / hinv_diag^2 exceeds {str(scores.dtype).replace('torch.', '')} for weight up to "
+                        f"{amax:.4g} and |hinv_diag| down to {dmin:.4g}")

@@ -14,8 +14,8 @@ program runs all ``blocksize`` column steps on its rows (extract column i, zero 
 launch over all rows of the block, exactly as the reference (one top-k per block); N:M masks are chosen inside
 the loop from the current tile. The masks depend on the last bits, so matmuls run in true fp32 (tf32 off),
 except the lazy update of large blocks: one TF32 tensor-core product over operands split as x = hi + lo
-(3xTF32: hi hi + hi lo + lo hi, an error of ~2^-20 relative instead of fp32's 2^-24; on an H200 the mask
-agreement with the fp32 reference and the loss were unchanged to 1e-4 at every benchmark shape).
+(3xTF32: hi hi + hi lo + lo hi, an error of ~2^-20 relative instead of fp32's 2^-24; the mask agreement with
+the fp32 reference and the loss were measured unchanged to 1e-4 at every benchmark shape, BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -143,8 +143,7 @@ def _obs_block_kernel(w_ptr, stride_w, u_ptr, stride_u, prune_ptr, err_ptr, stri
 # How the lazy update W[:, i2:] -= Err @ U[i1:i2, i2:] runs: 'cublas' (torch.addmm in true fp32), 'tf32x3'
 # (one cuBLAS TF32 tensor-core product over the split operands, ~fp32 accuracy) or 'auto' (tf32x3 on a GPU
 # for updates of at least TF32X3_MIN_ELEMENTS entries of W, where the product outweighs the split's launches;
-# on an H200 on 2026-12-02 it cut 28672x8192 from 115 to 92 ms; forced on every block it lost 3-5 ms at
-# 4096x4096, where the split's launches outweigh the product).
+# below that the split's launches cost more than they save: BENCHMARKS.md, SparseGPT, fp32_ms / x3_ms).
 LAZY_UPDATE = "auto"
 TF32X3_MIN_ELEMENTS = 1 << 25
 _TF32_HI = -(1 << 13)  # int32 mask clearing the 13 low mantissa bits: what is left is exact in TF32
@@ -209,11 +208,11 @@ TILE_OVERRIDE = None
 def _tile(rows: int):
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE
-    return 8, 4  # measured best or tied on H100 for 4096..28672 rows (benchmarks/bench_sparsegpt.py sweep)
+    return 8, 4  # best or tied for 4096..28672 rows in benchmarks/bench_sparsegpt.py --sweep
 
 
-@register("sparsegpt_prune", "triton", supports=lambda weight, hessian, sparsity, prune_n, prune_m, blocksize,
-          percdamp: _reasons(weight, blocksize))
+@register("sparsegpt_prune", "triton", tensor="weight", dtypes=(torch.float32, torch.float16, torch.bfloat16),
+          limits={"blocksize": MAX_BLOCKSIZE})
 def sparsegpt_prune(weight, hessian, sparsity, prune_n, prune_m, blocksize, percdamp) -> PruneResult:
     rows, cols = weight.shape
     with fp32_matmul():
@@ -240,13 +239,3 @@ def sparsegpt_prune(weight, hessian, sparsity, prune_n, prune_m, blocksize, perc
             if i2 < cols:
                 _lazy_update(W, i2, err[:, :count], slab[:, count:])
     return PruneResult(W.to(weight.dtype), keep.view(torch.bool), loss)
-
-
-def _reasons(weight: torch.Tensor, blocksize: int) -> list:
-    reasons = []
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"weight dtype {str(weight.dtype).replace('torch.', '')} is not supported by the Triton "
-                       "kernel (float32, float16, bfloat16 are; float64 runs on the reference)")
-    if blocksize > MAX_BLOCKSIZE:
-        reasons.append(f"blocksize={blocksize} exceeds the Triton kernel's register tile ({MAX_BLOCKSIZE})")
-    return reasons

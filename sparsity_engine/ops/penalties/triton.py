@@ -148,20 +148,15 @@ class _FusedPenalty(torch.autograd.Function):
         return (grad,) + (None,) * 5
 
 
-def _reasons(c: torch.Tensor, *args, **kwargs) -> list:
-    reasons = []
-    if c.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        reasons.append(f"dtype {str(c.dtype).replace('torch.', '')} is not supported by the Triton penalty "
-                       "kernels (float32, float16, bfloat16, float64 are)")
-    return reasons
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@register("smooth_l0_penalty", "triton", supports=_reasons)
+@register("smooth_l0_penalty", "triton", dtypes=_DTYPES)
 def smooth_l0_penalty(c: torch.Tensor, gamma: float, reduction: str) -> torch.Tensor:
     return _FusedPenalty.apply(c, _SMOOTH_L0, gamma * gamma, 0.0, 0.0, reduction)
 
 
-@register("lp_penalty", "triton", supports=_reasons)
+@register("lp_penalty", "triton", dtypes=_DTYPES)
 def lp_penalty(c: torch.Tensor, p: float, eps: float, reduction: str) -> torch.Tensor:
     b = 0.5 * p
     return _FusedPenalty.apply(c, _LP, eps, b, eps ** b, reduction)

@@ -1,6 +1,6 @@
-// Exact top-k edges over whole tensors by most-significant-digit radix select: the thresholds of whole-tensor
-// topk_mask / magnitude_prune and of the magnitude / breadcrumbs bands of a merge (one edge per row, several
-// rows over up to 8 inputs in the same read).
+// The masks family's selection (sparsity_engine/ops/masks: select_edges, whole-tensor topk_mask and
+// magnitude_prune): exact top-k edges over whole tensors by most-significant-digit radix select, one edge per
+// row, several rows over up to 8 inputs in the same read (the magnitude / breadcrumbs bands of a merge).
 //
 // Order. Every entry has a 32-bit unsigned key whose integer order is the order the op ranks by:
 //   magnitude: |d| as the float's bits without the sign, d = t, or t - base rounded to t's dtype as torch
@@ -19,19 +19,12 @@
 // memory, the histogram of the next digit among the entries whose higher digits equal the row's prefix.
 // Shared atomics on one address serialise, and the first digit of a magnitude key is its exponent (task
 // vectors put most entries in a handful of exponents), so each lane adds into one of `copies` private copies
-// of the histograms, offset by one bank from each other. (Making the copy the minor index, so that lanes on
-// different copies never share a bank, was measured slower: a merge select pass over base + 3 models
-// 0.20 -> 0.31 ms, H200 2026-12-02, although ncu counts 57% of this layout's shared wavefronts as
-// conflicts.) A block sums its copies once and adds the sums to the global histogram; in the last pass it also
-// sums them after every chunk and stores each chunk's counts (rows x chunks x 256) so that the rank of a tie
-// can be located without another read. A one-block kernel picks each row's
-// digit on the device between passes: no host round trip anywhere; the caller reads nothing back.
-//
-// Measured (H200, 2026-12-02, 11008x4096 bf16): a pass over base + 3 models 0.18-0.21 ms (~1.8-2 TB/s; ncu:
-// 37-41% of DRAM peak, 59-62% SM, 2 blocks of 512 at 64 registers, ~40% of stall cycles waiting on the
-// shared-memory atomics), the whole select of 3 edges 0.42 ms against 1.93 ms for the Triton select it
-// replaced; whole-tensor top-k 0.28 ms bf16 / 0.45 ms fp32 (2.5x torch.topk + mask). Merging equal-bin lanes
-// with __match_any_sync before the atomics was slower on every case measured (see count()).
+// of the histograms, offset by one bank from each other (the copy as the minor index, so that lanes on
+// different copies never share a bank, measured slower: see BENCHMARKS.md). A block sums its copies once and
+// adds the sums to the global histogram; in the last pass it also sums them after every chunk and stores each
+// chunk's counts (rows x chunks x 256) so that the rank of a tie can be located without another read. A
+// one-block kernel picks each row's digit on the device between passes: no host round trip anywhere; the
+// caller reads nothing back.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -123,8 +116,8 @@ __device__ __forceinline__ void load16(const void* p, int64_t e, typename Bits<T
 // ------------------------------------------------------------------ one digit pass
 
 // Add the first nv of keys[] (input m's entries) to its rows' private histograms. (Merging the lanes that
-// add to one bin first, __match_any_sync, was measured slower on every case: H200 2026-12-02, merge select
-// 0.60 -> 0.73 ms, bf16 top-k 0.27 -> 0.32 ms; the private copies already keep equal bins apart.)
+// add to one bin first, __match_any_sync, measured slower on every case: the private copies already keep equal
+// bins apart.)
 template <int VEC>
 __device__ __forceinline__ void count(const uint32_t (&keys)[VEC], int nv, int m, int shift,
                                       const int (*row_of)[2], const uint64_t* s_prefix, uint32_t* mine) {
@@ -510,7 +503,7 @@ void run_write(int mode, bool values, const T* x, void* out, int64_t n, const in
 }  // namespace
 
 // Launcher: see the header comment and sparsity_engine/ops/masks/cuda.py select_edges.
-void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t n, const std::vector<int>& row_input,
+void masks_select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t n, const std::vector<int>& row_input,
                   const std::vector<int64_t>& row_rank, const std::vector<int>& row_later_first,
                   const std::vector<int>& row_slot, int mode, int dtype,
                   uintptr_t state, uintptr_t hist, uintptr_t chunk_counts, int64_t chunk, uintptr_t out_k,
@@ -572,7 +565,7 @@ void select_edges(const std::vector<uintptr_t>& inputs, uintptr_t base, int64_t 
   }
 }
 
-void select_write(uintptr_t x, uintptr_t out, int64_t n, int mode, int values, int dtype, uintptr_t edge_k,
+void masks_select_write(uintptr_t x, uintptr_t out, int64_t n, int mode, int values, int dtype, uintptr_t edge_k,
                   uintptr_t edge_j, uintptr_t bad_flag, uintptr_t stream) {
   SE_REQUIRE(mode == kMagnitude || mode == kOrder, "mode must be 0 (magnitude) or 1 (order)");
   if (n == 0) return;

@@ -1,0 +1,125 @@
+"""A plain-Python model of csrc/bitmap.cu's index arithmetic, lane by lane, run on the CPU.
+
+It stages a group's values as the kernel's cp.async copies do (from element ``start & ~7``), computes each lane's
+position with the same byte-packed scan, decodes the A fragments from the mask bits, builds the B fragments from
+the relabelled columns, applies mma.sync m16n8k16's fragment layouts (PTX ISA, "Matrix Fragments for
+mma.m16n8k16") and writes outputs through the C fragment mapping of the epilogue. Tests compare it with
+F.linear, so a wrong index in the format, the layout or the kernel's formulas fails on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _u32(v: int) -> int:
+    return v & 0xFFFFFFFF
+
+
+def _popc(v: int) -> int:
+    return bin(_u32(v)).count("1")
+
+
+def _byte_perm(x: int, y: int, s: int) -> int:
+    """CUDA __byte_perm: byte k of the result is byte (s >> 4k) & 7 of the 8 bytes {y:x}."""
+    src = _u32(x) | (_u32(y) << 32)
+    out = 0
+    for k in range(4):
+        sel = (s >> (4 * k)) & 7
+        out |= ((src >> (8 * sel)) & 0xFF) << (8 * k)
+    return out
+
+
+def kernel_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, n: int,
+                 k: int, ksplit: int = 2) -> torch.Tensor:
+    """y [tokens, n] in float64, computed as the kernel does (one pass of 8 tokens per n-tile)."""
+    tokens = x.shape[0]
+    nbands, ktiles = masks.shape[0], masks.shape[1]
+    ngroups = ktiles // 8
+    m32 = [[[_u32(int(w)) for w in tile] for tile in band] for band in masks.tolist()]
+    offs = [int(v) for v in offsets.tolist()]
+    vals = values.double().tolist()
+    xd = x.double()
+    y = torch.zeros(tokens, n, dtype=torch.float64)
+    nt = (tokens + 7) // 8
+    for band in range(nbands):
+        parts = []
+        for part in range(ksplit):
+            ga, gb = part * ngroups // ksplit, (part + 1) * ngroups // ksplit
+            acc = torch.zeros(nt, 32, 4, dtype=torch.float64)  # [n-tile][lane][c0..c3]
+            for gi in range(ga, gb):
+                tile0 = band * ktiles + gi * 8
+                start = offs[tile0]
+                first = start & ~7
+                stage = vals[first:]                      # the staged copy (starts at element `first`)
+                so = offs[tile0: tile0 + 8]
+                tstart = [so[i] - start for i in range(8)]
+                sv0 = start & 7                           # sv = staged + (start & 7)
+                # per lane: the byte-packed exclusive scan over row-pairs g
+                pk = []
+                for lane in range(32):
+                    g = lane >> 2
+                    w = [m32[band][gi * 8 + i][g] for i in range(8)]
+                    words = []
+                    for h in range(2):
+                        lo = _byte_perm(_popc(w[4 * h]), _popc(w[4 * h + 1]), 0x0040)
+                        hi = _byte_perm(_popc(w[4 * h + 2]), _popc(w[4 * h + 3]), 0x0040)
+                        words.append(0 if g == 7 else _byte_perm(lo, hi, 0x5410))
+                    pk.append(words)
+                sc = [list(p) for p in pk]
+                d = 4
+                while d < 32:
+                    prev = [list(s) for s in sc]
+                    for lane in range(32):
+                        if lane >= d:
+                            sc[lane] = [_u32(prev[lane][h] + prev[lane - d][h]) for h in range(2)]
+                    d <<= 1
+                sc = [[_u32(sc[lane][h] - pk[lane][h]) for h in range(2)] for lane in range(32)]
+                col0 = gi * 128
+                for p in range(4):
+                    for s in range(2):
+                        i = 2 * p + s
+                        a_tile = torch.zeros(16, 16, dtype=torch.float64)   # A[row][k]
+                        b_tile = torch.zeros(nt, 16, 8, dtype=torch.float64)  # B[n-tile][k][n]
+                        for lane in range(32):
+                            g, t = lane >> 2, lane & 3
+                            w = m32[band][gi * 8 + i][g]
+                            below = _byte_perm(sc[lane][i >> 2], 0, 0x4440 | (i & 3))
+                            m = (w >> (8 * t)) & 0xFF
+                            idx = tstart[i] + below + _popc(w & ((1 << (8 * t)) - 1))
+                            q = sv0 + idx
+                            frag = []
+                            for j in range(8):
+                                if m & (1 << j):
+                                    frag.append(stage[q])
+                                    q += 1
+                                else:
+                                    frag.append(0.0)
+                            for r in range(4):
+                                for e in range(2):
+                                    a_tile[g + 8 * (r & 1), 2 * t + e + 8 * (r >> 1)] = frag[2 * r + e]
+                            for nn in range(nt):
+                                token = 8 * nn + g
+                                col = col0 + 32 * p + 8 * t
+                                x8 = [float(xd[token, col + c]) if token < tokens and col + c < k else 0.0
+                                      for c in range(8)]
+                                b0, b1 = (x8[0], x8[1]), (x8[2], x8[3])
+                                if s == 1:
+                                    b0, b1 = (x8[4], x8[5]), (x8[6], x8[7])
+                                b_tile[nn, 2 * t, g], b_tile[nn, 2 * t + 1, g] = b0
+                                b_tile[nn, 2 * t + 8, g], b_tile[nn, 2 * t + 9, g] = b1
+                        for nn in range(nt):
+                            c = a_tile @ b_tile[nn]                            # [16 rows][8 tokens]
+                            for lane in range(32):
+                                g, t = lane >> 2, lane & 3
+                                acc[nn, lane] += torch.stack([c[g, 2 * t], c[g, 2 * t + 1],
+                                                              c[g + 8, 2 * t], c[g + 8, 2 * t + 1]])
+            parts.append(acc)
+        total = sum(parts)
+        for r in range(16):
+            row = band * 16 + r
+            for tk in range(8 * nt):
+                if row >= n or tk >= tokens:
+                    continue
+                ln, comp, nn = 4 * (r & 7) + ((tk & 7) >> 1), 2 * (r >> 3) + (tk & 1), tk >> 3
+                y[tk, row] = total[nn, ln, comp]
+    return y
