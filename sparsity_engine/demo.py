@@ -14,27 +14,32 @@ compared with the dense model's:
   in its top 5 (stricter: it also sees the order of the unrelated sentences).
 
 Then the Dense / Masked / CSR table for the SparseGPT and magnitude 50% models (size, sparsity, compute ratio,
-agreement, time per forward), also drawn as ``dense_masked_csr.png``. Output folder: the SparseGPT models
-(50% and 2:4, loadable with ``from_pretrained``), ``demo_results.json``, ``demo.png`` and
-``dense_masked_csr.png``, written to a temporary sibling and renamed into place at the end.
+agreement, time per forward), also drawn as ``dense_masked_csr.png``. Output folder (a job folder under the
+rules of :mod:`sparsity_engine.io.jobdir`: new or empty, or an earlier demo's with ``overwrite``): the SparseGPT
+models (50% and 2:4, loadable with ``from_pretrained`` and with sentence-transformers), ``demo_results.json``,
+``demo.png`` and ``dense_masked_csr.png``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .pruning.calibration import calibration_ids, heldout_sentences
-from .pruning.pipeline import (ConfigError, Progress, PruneConfig, copy_model_files, load_model, parse_target,
-                               prune_model, resolve_device, save_model_weights, _io, _versions, device_description)
+from .pruning.model_io import (copy_model_files, device_description, load_model, resolve_device,
+                                unique_state_dict, write_weights)
+from .pruning.pipeline import prune_model
+from .pruning.progress import Progress
+from .pruning.report import versions
+from .pruning.settings import ConfigError, InputError, PruneConfig, parse_target
 
 
-class DemoError(RuntimeError):
-    """The demo cannot run here (model package missing, output folder refused); the message says why."""
+class DemoError(InputError):
+    """The demo cannot run here (the model package is missing); the message says why (exit 3)."""
 
 
 def minilm_dir() -> str:
@@ -89,34 +94,6 @@ def compare(dense_emb: torch.Tensor, emb: torch.Tensor) -> Dict[str, float]:
             "knn5_overlap": knn_overlap(dense_emb, emb, 5)}
 
 
-def _prepare_out(out_dir: str, model_dir: str, overwrite: bool) -> str:
-    """Refuse the model folder and an existing non-empty folder (unless overwrite); return a temp sibling."""
-    out_dir = os.path.abspath(out_dir)
-    src = os.path.abspath(model_dir)
-    if out_dir == src or out_dir.startswith(src + os.sep) or src.startswith(out_dir + os.sep):
-        raise DemoError(f"output folder {out_dir!r} overlaps the model folder {src!r}; choose another --out")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DemoError(f"output path {out_dir!r} exists and is not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise DemoError(f"output folder {out_dir!r} exists and is not empty; pass --overwrite to replace it "
-                        "or --out to choose another")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def _commit_out(tmp: str, out_dir: str) -> None:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir):
-        old = f"{out_dir}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def _print_table(rows: Sequence[Dict[str, Any]], cols: Sequence[str], title: str) -> None:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -169,28 +146,29 @@ def run_demo(*, out_dir: str = "sparsity_engine_demo_out", overwrite: bool = Fal
              "magnitude"), targets: Sequence[str] = ("0.5", "2:4"), device: Optional[str] = None, seed: int = 0,
              progress: bool = True, write_outputs: bool = True, csr_table: bool = True) -> Dict[str, Any]:
     """Run the demo (see the module docstring); returns the results dict also written as JSON."""
+    from .io import open_job, write_json_atomic
+
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = minilm_dir()
     specs = [parse_target(t, "sparsegpt") for t in targets]
     dev = resolve_device(device)
-    tmp = _prepare_out(out_dir, model_dir, overwrite) if write_outputs else None
-    try:
-        results = _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, progress, tmp, csr_table)
+    settings = {"nsamples": nsamples, "seqlen": seqlen, "sentences": sentences, "methods": list(methods),
+                "targets": list(targets), "seed": seed}
+    job = open_job(out_dir, kind="demo", settings=settings, inputs={"model folder": model_dir},
+                   runtime={"device": str(dev)}, overwrite=overwrite) if write_outputs else None
+    with job if job is not None else contextlib.nullcontext():
+        results = _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, progress, job, csr_table)
         results["seconds"] = time.perf_counter() - t_start
-        if tmp is not None:
-            _io().write_json_atomic(os.path.join(tmp, "demo_results.json"), results)
-            _commit_out(tmp, out_dir)
-            print(f"\nwrote {os.path.abspath(out_dir)} (pruned models, demo_results.json, demo.png, "
-                  "dense_masked_csr.png) "
+        if job is not None:
+            write_json_atomic(job.output("demo_results.json"), results)
+            job.finish()
+            print(f"\nwrote {job.out_dir} (pruned models, demo_results.json, demo.png, dense_masked_csr.png) "
                   f"in {results['seconds']:.1f}s")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
-def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, progress, tmp, csr_table):
+def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, progress, job, csr_table):
     dense, tok = load_model(model_dir, "float32")
     dense.eval()
     texts = heldout_sentences(sentences)
@@ -206,14 +184,13 @@ def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, prog
     rows, layer_errors, keep, compared = [], {}, {}, {}
     for spec in specs:
         for method in methods:
-            cfg = PruneConfig(method=method, sparsity=spec.sparsity if not spec.structured else 0.5,
-                              pattern=(spec.prune_n, spec.prune_m) if spec.structured else None)
+            cfg = PruneConfig(method=method, sparsity=spec.sparsity, pattern=spec.pattern)
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            recs = prune_model(model, ids, cfg, device=dev, progress=Progress(False))
+            recs = prune_model(model, ids, cfg, device=dev, progress=Progress(False), measure=True)
             secs = time.perf_counter() - t0
             model.to("cpu")
-            target = f"{spec.prune_n}:{spec.prune_m}" if spec.structured else f"{spec.sparsity:.0%}"
+            target = spec.pattern.label() if spec.structured else f"{spec.sparsity:.0%}"
             row = {"target": target, "method": method, **compare(dense_emb, embed(model, batch)),
                    "sparsity": sum(r.sparsity * r.shape[0] * r.shape[1] for r in recs) /
                    max(1, sum(r.shape[0] * r.shape[1] for r in recs)),
@@ -230,22 +207,22 @@ def _run(model_dir, specs, methods, dev, nsamples, seqlen, sentences, seed, prog
     _print_table(rows, ["target", "method", "sparsity", "cosine", "cosine_min", "nn_agreement", "knn5_overlap", "rel_error_mean",
                         "prune_s"], "Embeddings of held-out sentences vs the dense model (higher is better)")
     results: Dict[str, Any] = {"model_dir": model_dir, "nsamples": nsamples, "seqlen": seqlen,
-                               "sentences": len(texts), "device": device_description(dev), "versions": _versions(),
+                               "sentences": len(texts), "device": device_description(dev), "versions": versions(),
                                "results": rows}
     if csr_table and compared:
         results["dense_masked_csr"] = _csr_table(dense, compared, batch)
-        if tmp is not None:
+        if job is not None:
             from .metrics import plot_comparison
 
-            plot_comparison(results["dense_masked_csr"], os.path.join(tmp, "dense_masked_csr.png"),
+            plot_comparison(results["dense_masked_csr"], job.output("dense_masked_csr.png"),
                             "MiniLM-L6: Dense / Masked / CSR (cosine of mean-pooled embeddings)")
-    if tmp is not None:
+    if job is not None:
         for target, model in keep.items():
-            sub = os.path.join(tmp, f"minilm-sparsegpt-{target.replace('%', 'pct').replace(':', 'of')}")
-            os.makedirs(sub)
-            save_model_weights(model, sub)
-            copy_model_files(model_dir, sub)
-        _plot(rows, layer_errors, os.path.join(tmp, "demo.png"))
+            sub = f"minilm-sparsegpt-{target.replace('%', 'pct').replace(':', 'of')}"
+            write_weights(unique_state_dict(model), lambda rel: job.output(os.path.join(sub, rel)))
+            copy_model_files(model_dir, lambda rel: job.output(os.path.join(sub, rel)),
+                             lambda rel: job.output_dir(os.path.join(sub, rel)))
+        _plot(rows, layer_errors, job.output("demo.png"))
     return results
 
 
@@ -257,7 +234,7 @@ def _csr_table(dense, compared: Dict[str, Any], batch) -> List[Dict[str, Any]]:
     mask = batch["attention_mask"]
     table: List[Dict[str, Any]] = []
     for method, (target, masked) in compared.items():
-        rows = compare_dense_masked_csr(dense, masked, batch, min_sparsity=0.3, reps=2, warmup=1,
+        rows = compare_dense_masked_csr(dense, masked, batch, min_sparsity=0.3, reps=3, warmup=1, min_seconds=0.5,
                                         output_fn=lambda out: mean_pool(out.last_hidden_state, mask))
         for row in rows:
             row.pop("top1_match", None)    # argmax over embedding dimensions means nothing for an encoder

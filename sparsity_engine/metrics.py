@@ -26,7 +26,7 @@ from .ops.csr import CSRMatrix
 Tensors = Union[nn.Module, torch.Tensor, CSRMatrix, Mapping[str, torch.Tensor], Iterable[torch.Tensor]]
 
 __all__ = ["size_mb", "sparsity", "compute_ratio", "top1_match", "compare_dense_masked_csr",
-           "format_table", "plot_comparison"]
+           "format_table", "plot_comparison", "comparison_figure"]
 
 
 def _tensors(obj: Tensors) -> List[torch.Tensor]:
@@ -124,26 +124,28 @@ def _call(model: nn.Module, inputs: Any):
     return model(inputs)
 
 
-def _time_forward(model: nn.Module, inputs: Any, reps: int, warmup: int) -> float:
-    """Median ms of one forward (synchronised on CUDA)."""
+def _time_forward(model: nn.Module, inputs: Any, reps: int, warmup: int, min_seconds: float = 0.2) -> tuple:
+    """(median ms of one forward, repetitions timed): at least ``reps`` repetitions and, beyond those, as many
+    as fill ``min_seconds`` (up to 1000), so a fast forward is timed over enough calls to mean something.
+    Synchronised on CUDA."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         _call(model, inputs)
-    times = []
-    for _ in range(reps):
+    times: List[float] = []
+    while len(times) < reps or (sum(times) < min_seconds * 1e3 and len(times) < 1000):
         sync()
         t0 = time.perf_counter()
         _call(model, inputs)
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), len(times)
 
 
 @torch.no_grad()
 def compare_dense_masked_csr(dense: nn.Module, masked: nn.Module, inputs: Any, *,
                              csr: Optional[nn.Module] = None, min_sparsity: float = 0.3,
                              output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
-                             reps: int = 10, warmup: int = 2) -> List[Dict[str, Any]]:
+                             reps: int = 10, warmup: int = 2, min_seconds: float = 0.2) -> List[Dict[str, Any]]:
     """Rows comparing a dense model, its masked (pruned, zeros in dense weights) copy and the CSR version.
 
     ``inputs``: a tensor, a tuple (positional) or a dict (keyword arguments) for one forward. ``csr``: the
@@ -151,7 +153,8 @@ def compare_dense_masked_csr(dense: nn.Module, masked: nn.Module, inputs: Any, *
     ``output_fn(out) -> tensor`` picks the tensor compared (default: the output, ``.logits`` or
     ``.last_hidden_state``). Each row: model, size_mb, sparsity, compute_ratio, top1_match (argmax agreement
     with the dense output over the last dim), cosine (mean cosine similarity with the dense output rows),
-    rel_err (relative Frobenius error against dense), ms_per_forward (median of ``reps``).
+    rel_err (relative Frobenius error against dense), ms_per_forward (median over ``timed_reps`` forwards: at
+    least ``reps``, more until ``min_seconds`` of forwards were timed).
     """
     from .nn import sparsify_linears_
 
@@ -168,11 +171,12 @@ def compare_dense_masked_csr(dense: nn.Module, masked: nn.Module, inputs: Any, *
         out = pick(_call(model, inputs)).float()
         cos = torch.nn.functional.cosine_similarity(out.reshape(-1, out.shape[-1]),
                                                     ref.reshape(-1, ref.shape[-1]), dim=-1)
+        ms, timed = _time_forward(model, inputs, reps, warmup, min_seconds)
         rows.append(dict(model=label, size_mb=size_mb(model), sparsity=sparsity(model),
                          compute_ratio=compute_ratio(model), top1_match=top1_match(out, ref),
                          cosine=float(cos.mean()),
                          rel_err=float((out - ref).norm() / ref.norm().clamp_min(1e-30)),
-                         ms_per_forward=_time_forward(model, inputs, reps, warmup)))
+                         ms_per_forward=ms, timed_reps=timed))
     return rows
 
 
@@ -188,10 +192,22 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def plot_comparison(rows: Sequence[Dict[str, Any]], path: str, title: str = "Dense vs Masked vs CSR") -> str:
-    """Bar charts (size, compute ratio, agreement, time per forward) of the rows, saved as PNG at ``path``.
+    """Horizontal bar charts (size, compute ratio, agreement, time per forward) of the rows, one panel each,
+    saved as PNG at ``path``. The model names label the rows once, on the left, so long names never overlap;
+    each bar carries its value.
 
     Agreement is ``top1_match`` where the rows carry it, else ``cosine`` (e.g. for sentence encoders).
     """
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def comparison_figure(rows: Sequence[Dict[str, Any]], title: str = "Dense vs Masked vs CSR"):
+    """The matplotlib figure of :func:`plot_comparison` (laid out, not saved)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,14 +216,18 @@ def plot_comparison(rows: Sequence[Dict[str, Any]], path: str, title: str = "Den
     agree = ("top1_match", "top-1 match") if all("top1_match" in r for r in rows) else ("cosine", "cosine to dense")
     keys = [("size_mb", "size (MB)"), ("compute_ratio", "compute ratio"), agree, ("ms_per_forward", "ms / forward")]
     labels = [str(r["model"]) for r in rows]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
+    ys = list(range(len(rows)))[::-1]            # first row on top
+    colors = ["#888", "#c84", "#48c", "#4a4", "#a4a", "#4aa", "#aa4"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys) + 2.5, 0.45 * len(rows) + 1.6), sharey=True)
     for ax, (key, name) in zip(axes, keys):
-        colors = ["#888", "#c84", "#48c", "#4a4", "#a4a", "#4aa", "#aa4"]
-        ax.bar(labels, [float(r[key]) for r in rows], color=[colors[i % len(colors)] for i in range(len(rows))])
-        ax.set_title(name)
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(title)
+        vals = [float(r[key]) for r in rows]
+        ax.barh(ys, vals, color=[colors[i % len(colors)] for i in range(len(rows))])
+        for y, v in zip(ys, vals):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+        ax.set_xlim(0, max(vals + [1e-9]) * 1.6)
+        ax.set_xticks([])                          # each bar carries its value
+        ax.set_title(name, fontsize=9)
+    axes[0].set_yticks(ys, labels, fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -307,3 +307,96 @@ def test_prepare_output_dir_nonempty_resume_overwrite(tmp_path):
     f.write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         se_io.prepare_output_dir(f, input_dirs=[inp])
+
+
+# ---------------------------------------------------------------- validated headers, pread, planned shards
+
+def test_truncated_or_corrupt_file_is_refused_naming_it(tmp_path):
+    p = se_io.save_safetensors_atomic({"a": torch.randn(64, 8), "b": torch.randn(3)}, tmp_path / "model.safetensors")
+    good = open(p, "rb").read()
+    for what, data in (("truncated", good[:-5]), ("short", good[:6]), ("header", good[:8] + b"{oops" + good[13:]),
+                       ("length", (10**9).to_bytes(8, "little") + good[8:])):
+        with open(p, "wb") as f:
+            f.write(data)
+        with pytest.raises(se_io.SafetensorsFileError, match="model.safetensors.*truncated or corrupt"):
+            se_io.SafetensorsReader(tmp_path)
+
+
+def test_index_pointing_outside_its_folder_is_refused(tmp_path):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    se_io.save_safetensors_atomic({"a": torch.ones(2)}, outside / "x.safetensors")
+    model = tmp_path / "model"
+    model.mkdir()
+    for target in ("../secret/x.safetensors", str(outside / "x.safetensors")):
+        se_io.write_json_atomic(model / se_io.INDEX_FILE, {"metadata": {}, "weight_map": {"a": target}})
+        with pytest.raises(ValueError, match="outside the model folder"):
+            se_io.SafetensorsReader(model)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
+    se_io.save_safetensors_atomic({"a": torch.ones(2)}, tmp_path / "s1.safetensors")
+    se_io.write_json_atomic(tmp_path / se_io.INDEX_FILE, {"weight_map": {"a": "s1.safetensors",
+                                                                         "b": "s1.safetensors"}})
+    with pytest.raises(se_io.SafetensorsFileError, match="s1.safetensors.*'b'"):
+        se_io.SafetensorsReader(tmp_path)
+
+
+def test_read_into_a_preallocated_buffer(tmp_path):
+    t = torch.randn(5, 7).to(torch.bfloat16)
+    se_io.save_safetensors_atomic({"t": t}, tmp_path / "model.safetensors")
+    r = se_io.SafetensorsReader(tmp_path)
+    info = r.info("t")
+    assert info.dtype == torch.bfloat16 and info.shape == (5, 7) and info.nbytes == 70
+    buf = torch.full((35,), float("nan"), dtype=torch.bfloat16)
+    got = r.read_into("t", buf)
+    assert torch.equal(got, t) and got.data_ptr() == buf.data_ptr() and r.bytes_read == 70
+    with pytest.raises(ValueError, match="70 bytes"):
+        r.read_into("t", torch.empty(3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("max_bytes", [10**9, 300])
+def test_planned_shards_filled_in_any_order(tmp_path, max_bytes):
+    ts = {f"w{i}": torch.randn(5, 10).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(6)}
+    ts["i"] = torch.arange(4)
+    plan = se_io.ShardPlan.make([(k, v.dtype, v.shape) for k, v in ts.items()], max_bytes)
+    w = se_io.PlannedShardWriter(tmp_path, plan)
+    for k in reversed(list(ts)):
+        assert w.write(k, ts[k])
+    index = w.close()
+    files = _files(tmp_path)
+    if len(plan.shards) == 1:
+        assert files == ["model.safetensors"]
+    else:
+        assert se_io.INDEX_FILE in files and not [f for f in files if f.endswith(".partial")]
+    r = se_io.SafetensorsReader(tmp_path)
+    assert set(r.keys()) == set(ts) and index["metadata"]["total_size"] == sum(
+        v.numel() * v.element_size() for v in ts.values())
+    for k, v in ts.items():
+        _assert_same(r.get(k), v)
+        with safe_open(r.file_of(k), framework="pt") as f:      # the reference reader agrees
+            _assert_same(f.get_tensor(k), v)
+
+
+def test_planned_shards_resume_a_partial_shard(tmp_path):
+    ts = {f"w{i}": torch.randn(20) for i in range(4)}
+    plan = se_io.ShardPlan.make([(k, v.dtype, v.shape) for k, v in ts.items()], 10**6)
+    w = se_io.PlannedShardWriter(tmp_path, plan)
+    w.write("w0", ts["w0"])
+    w.write("w1", ts["w1"])
+    w.sync()
+    w.abort()                                        # the process dies here
+    assert _files(tmp_path) == [".model.safetensors.partial"]
+    w = se_io.PlannedShardWriter(tmp_path, plan)
+    w.written(["w0", "w1"])
+    w.write("w2", ts["w2"])
+    w.write("w3", ts["w3"])
+    w.close()
+    r = se_io.SafetensorsReader(tmp_path)
+    for k, v in ts.items():
+        _assert_same(r.get(k), v)
+    other = se_io.ShardPlan.make([(k, v.dtype, v.shape) for k, v in ts.items()][:3], 10**6)
+    (tmp_path / ".model.safetensors.partial").write_bytes(b"x" * 20)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(se_io.SafetensorsFileError, match="does not match"):
+        se_io.PlannedShardWriter(tmp_path, other)

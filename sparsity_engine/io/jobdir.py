@@ -37,7 +37,8 @@ import contextlib
 import json
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+import threading
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .atomic import PathLike, write_json_atomic
 
@@ -181,6 +182,7 @@ class Job:
         self.resumed = resumed
         self._made = made            # folders this run created (outermost first): removed on a failed start
         self._lock_fd = lock_fd
+        self._mutex = threading.RLock()   # a background writer may record and mark steps too
 
     # state -------------------------------------------------------------------------------------------
     @property
@@ -200,17 +202,21 @@ class Job:
         return list(self.data["files"])
 
     def _save(self) -> None:
-        write_json_atomic(os.path.join(self.out_dir, JOB_FILE), self.data)
+        with self._mutex:
+            write_json_atomic(os.path.join(self.out_dir, JOB_FILE), self.data)
 
     def mark_done(self, step, info: Optional[Dict[str, Any]] = None) -> None:
         """Record ``step`` (an int or str, stored as str) as finished, with a JSON-serialisable ``info``."""
-        self.data["done"][str(step)] = {} if info is None else json.loads(json.dumps(info, allow_nan=False))
-        self._save()
+        info = {} if info is None else json.loads(json.dumps(info, allow_nan=False))
+        with self._mutex:
+            self.data["done"][str(step)] = info
+            self._save()
 
     def finish(self, **extra: Any) -> None:
-        self.data.update(extra)
-        self.data["finished"] = True
-        self._save()
+        with self._mutex:
+            self.data.update(extra)
+            self.data["finished"] = True
+            self._save()
 
     # paths -------------------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -225,9 +231,10 @@ class Job:
         return cur
 
     def _record(self, key: str, norm: str) -> None:
-        if norm not in self.data[key]:
-            self.data[key].append(norm)
-            self._save()
+        with self._mutex:
+            if norm not in self.data[key]:
+                self.data[key].append(norm)
+                self._save()
 
     def output_dir(self, rel: str) -> str:
         """Make the folder ``rel`` (and missing parents) inside the job folder, recorded; returns its path."""

@@ -49,16 +49,24 @@ def heldout_sentences(limit: Optional[int] = None) -> List[str]:
 
 
 def read_text(path: str) -> str:
-    """The text of a .txt file, or the concatenated ``text`` fields of a .jsonl file."""
+    """The text of a .txt file, or the concatenated ``text`` fields of a .jsonl file; a missing, binary
+    (NUL bytes or not UTF-8) or empty file is refused, naming it."""
     if not os.path.isfile(path):
         raise CalibrationError(f"calibration file {path!r} does not exist or is not a file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw:
+        raise CalibrationError(f"calibration file {path!r} is not a text file (it holds NUL bytes: binary data); "
+                               "pass UTF-8 text, or token ids as .pt / .safetensors")
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                return "\n\n".join(_jsonl_texts(f, path))
-            return f.read()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CalibrationError(f"calibration file {path!r} is not UTF-8 text ({exc})") from None
+        raise CalibrationError(f"calibration file {path!r} is not a text file (not UTF-8: {exc})") from None
+    if path.endswith(".jsonl"):
+        text = "\n\n".join(_jsonl_texts(text.splitlines(), path))
+    if not text.strip():
+        raise CalibrationError(f"calibration file {path!r} holds no text")
+    return text
 
 
 def _jsonl_texts(f, path: str) -> List[str]:
