@@ -339,12 +339,12 @@ def test_dare_reference_equals_triton_bit_for_bit(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", _DRAW_SHAPES + [()])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (5, 33), (2, 1, 13), ()])
 def test_della_reference_equals_triton_bit_for_bit(dtype, shape):
     """DELLA: the same probabilities (fp32 steps, no FMA) and the same uniforms on both backends: the same
     bytes, ties and single columns included, with and without a rescale."""
     x = _with_ties(shape, dtype)
-    for density, eps, seed, norm in ((0.5, 0.3, 3, None), (0.2, 0.15, 2**40, "l2"), (0.8, 0.15, 99, None)):
+    for density, eps, seed, norm in ((0.5, 0.3, 3, None), (0.8, 0.15, 2**40, "l2")):
         got = [se.della_magprune(x, density, eps, rescale_norm=norm, backend=b,
                                  generator=torch.Generator(device=KERNEL_DEVICE).manual_seed(seed))
                for b in ("reference", "triton")]
