@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Dict, List
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it
 _EXPORTS: Dict[str, str] = {
