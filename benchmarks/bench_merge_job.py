@@ -1,6 +1,6 @@
 """The merge job disk to disk: ``sparsity-engine merge`` against the disk's own speed and against mergekit-yaml.
 
-What it does, in one process on one GPU machine (scripts/gpu_merge.sh runs it on the H100):
+What it does, in one process on one GPU machine (scripts/gpu_session.sh merge runs it):
 
 1. writes a LLaMA-7B-shaped base and three fine-tunes (base + N(0, 0.01^2) per weight) with random bf16 weights
    as sharded safetensors + config.json. A whole 7B model is 13.5 GB: four inputs and two outputs do not fit a
@@ -27,7 +27,7 @@ these six wheels, fetched here and carried in ``.whl`` (about 3 MB)::
         typing-inspection==0.4.2 immutables==0.21
 
 (mergekit's other declared needs, datasets and scipy, are not imported by mergekit-yaml's merge path; it is
-installed with --no-deps). scripts/gpu_merge.sh installs them and runs this script.
+installed with --no-deps). scripts/gpu_session.sh merge installs them and runs this script.
 
 Expected runtime on one H100 at the default --blocks 8 (each model 3.8 GB, 15 GB of inputs; estimates, not yet
 measured there): writing the inputs ~20-40 s, disk probe ~10 s, ours twice per method (the first process also

@@ -2,16 +2,25 @@
 # One call on a lent GPU that runs the steps named on the command line, in order, each under its own time limit
 # and all under one deadline (SE_DEADLINE seconds, default 520): a step that would start with less than 20 s left
 # is skipped and says so. Logs and JSON go to $OUT/r, packed into $OUT/results.tgz after every step, so a call cut
-# short still brings back what finished. The family scripts (gpu_core.sh, gpu_jobs.sh, gpu_merge.sh,
-# gpu_bitmap.sh) run the same commands one family at a time; this one lets the lead fit several into one call.
+# short still brings back what finished. It is the one script for the lent machines: steps fit together into
+# calls of <= 10 minutes (BENCHMARKS.md says which steps produced which tables).
 #
-#   bash scripts/gpu_session.sh ext tests jobs7b bitmap        # call 1
-#   bash scripts/gpu_session.sh ext merge benches jobs70b      # call 2
+#   bash scripts/gpu_session.sh ext tests jobs7b               # ~7.5 min on an H200
+#   bash scripts/gpu_session.sh merge bitmap benches           # ~8.5 min (merge needs the wheels below in .whl)
+#   bash scripts/gpu_session.sh jobs70b                        # ~1.7 min;  jobs13b ~2.8 min
 #
-# Steps: ext (build the extension just in time), tests (the core files in full on the GPU, then every `-m cuda`
-# test of the other files), jobs7b (bench_prune_job --sizes 7b --ref --eval), jobs70b (--sizes 70b), jobs13b,
-# bitmap (per-layer bench with the format rule, then the decode bench), merge (bench_merge_job --blocks
-# $SE_BLOCKS, mergekit from carried .whl wheels), benches (the kernel benchmarks of gpu_core.sh).
+# Steps: ext (build the extension just in time; later steps would build it too), tests (the op-family files
+# in full on the GPU, then every `-m cuda` test of the other files), jobs7b (bench_prune_job --sizes 7b --ref
+# --eval), jobs13b, jobs70b (--sizes 13b / 70b), bitmap (per-layer bench with the format rule, then the decode
+# bench), bitmap-bulk (the bitmap kernel's bulk-copy variants 1 and 2: tests and timings, never run on a GPU
+# yet), ncu-bitmap (one bitmap kernel under Nsight Compute: SE_NCU="SPARSITY VARIANT"), merge
+# (bench_merge_job --blocks $SE_BLOCKS, default 8; mergekit-yaml from wheels carried in .whl: here, before the
+# call, `echo /.whl/ >> .git/info/exclude` and `python3 -m pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+# --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .whl
+# mergekit==0.1.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.7.0 typing-inspection==0.4.5
+# typing-extensions==4.16.0 immutables==0.21`, then run(..., carry=[".whl"])), benches (the kernel benchmarks
+# at the sizes BENCHMARKS.md compares: merge, masks, SparseGPT, Hessian, CSR).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 R=$OUT/r
@@ -69,6 +78,20 @@ for s in "$@"; do
       [ -f "$R/bitmap_linear.json" ] && python3 scripts/bitmap_summary.py "$R/bitmap_linear.json" | cut -c1-150
       run_step "bench_decode" 90 "$R/bench_decode.log" python3 benchmarks/bench_decode.py --formats auto,bitmap
       show "$R/bench_decode.log" "^\| (dense|auto|csr|bitmap)" 12 | cut -c1-170 ;;
+    bitmap-bulk)
+      run_step "bitmap bulk-copy variants" 60 "$R/bulk.log" env SE_BITMAP_BULK=1 bash -c "python3 -m pytest -q \
+        -p no:cacheprovider -x -m cuda tests/test_bitmap.py -k 'matches_reference and 257' && python3 \
+        benchmarks/bench_bitmap.py --name bitmap_variants --no-csr --shapes 4096x11008,11008x4096,28672x8192 \
+        --batches 1,8,16"
+      show "$R/bulk.log" "passed|failed|Error" 3
+      [ -f "$R/bitmap_variants.json" ] && python3 scripts/bitmap_summary.py "$R/bitmap_variants.json" | cut -c1-80 ;;
+    ncu-bitmap)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      # shellcheck disable=SC2086
+      run_step "ncu bitmap ${SE_NCU:-0.5 0}" 90 "$R/ncu.txt" "$NCU" --kernel-name regex:bitmap_linear --launch-skip 3 \
+        --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+        python3 scripts/profile_bitmap.py ${SE_NCU:-0.5 0}
+      show "$R/ncu.txt" "Issue Slots Busy|Warp Cycles Per Issued|Achieved Occupancy|Memory Throughput|Duration" 12 ;;
     merge)
       run_step "bench_merge_job --blocks ${SE_BLOCKS:-8}" "${SE_MERGE_LIMIT:-300}" "$R/bench_merge_job.log" \
         python3 benchmarks/bench_merge_job.py --blocks "${SE_BLOCKS:-8}" --out "$R/merge_job.json"

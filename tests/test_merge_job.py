@@ -545,7 +545,7 @@ def test_merge_state_dicts_reads_safetensors_sources(tmp_path):
     assert torch.equal(out["w"], sd["w"]) and torch.equal(out["b"], sd["b"])
 
 
-# ------------------------------------------------------------------ on a GPU (scripts/gpu_merge.sh runs these)
+# ------------------------------------------------------------------ on a GPU (scripts/gpu_session.sh tests runs these)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "nuslerp",

@@ -31,7 +31,7 @@ def bitmap_linear(x2: torch.Tensor, bm: BitmapMatrix, bias: Optional[torch.Tenso
 #: measured on a GPU, BENCHMARKS.md); 1 = the bulk-copy engine (cp.async.bulk completing on an mbarrier), 3
 #: stages; 2 = bulk copies, 2 stages, 4 blocks per SM at 1..8 tokens. All three compute the same sums in the
 #: same order. Variants 1 and 2 have not run on a GPU yet: the tests and benchmarks include them only with
-#: SE_BITMAP_BULK=1 (scripts/gpu_bitmap.sh does, in a separate time-limited step), so 0 stays the default until
+#: SE_BITMAP_BULK=1 (scripts/gpu_session.sh bitmap-bulk), so 0 stays the default until
 #: they are measured.
 VARIANT = 0
 VARIANTS = (0, 1, 2)
