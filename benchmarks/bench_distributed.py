@@ -136,9 +136,10 @@ def main() -> None:
     shutil.rmtree(model, ignore_errors=True)
     write_model(model, shape, args.blocks, vocab, "cuda" if gpus else "cpu", dtype=dtype)
     print(f"model with {args.blocks} blocks ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    what = "gloo on the CPU, tiny shapes" if args.quick else "70B-shaped blocks"
     report = Report("distributed" + ("_quick" if args.quick else ""),
-                    f"sparsity-engine prune under torchrun, {'gloo on the CPU, tiny shapes' if args.quick else '70B-shaped blocks'}"
-                    f", SparseGPT 50%, {args.nsamples}x{args.seqlen} calibration tokens, random weights")
+                    f"sparsity-engine prune under torchrun, {what}, SparseGPT 50%, {args.nsamples}x{args.seqlen} "
+                    "calibration tokens, random weights")
     if not args.no_warmup:
         warm = model + "_warmup"
         write_model(warm, shape, 1, vocab, "cuda" if gpus else "cpu", dtype=dtype)

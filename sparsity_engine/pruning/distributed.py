@@ -24,7 +24,9 @@ timeout (``--dist-timeout``; on NCCL its watchdog ends the process), and :class:
 blocks already on disk stay finished: ``--resume`` continues, with any number of processes (the number of
 processes changes only rounding, so it is a runtime setting of the job file, never an output setting).
 
-The environment (NCCL_*, e.g. ``NCCL_NVLS_ENABLE=0``) is left exactly as the launcher set it.
+The environment (NCCL_*, e.g. ``NCCL_NVLS_ENABLE=0``) is left exactly as the launcher set it. Tested on one
+machine (gloo on the CPU); over several machines every process must see the model folder, and on a resume the
+output folder, at the same path (a shared file system).
 """
 from __future__ import annotations
 
