@@ -85,6 +85,24 @@ def check_same_device(*named: Tuple[str, torch.Tensor]) -> None:
         raise ValueError(f"tensors must be on one device, got {where}")
 
 
+def check_linear_input(x, shape: Tuple[int, int], dtype: torch.dtype, device: torch.device, bias, what: str) -> None:
+    """The arguments of a sparse linear layer ``y = x @ W^T + bias`` whose weight (CSR, bitmap ...: ``what``) has
+    ``shape`` (out, in), ``dtype`` and ``device``: x [..., in] of the weight's dtype and device (as nn.Linear
+    requires), bias [out] of that dtype and device."""
+    check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    n, k = shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have in_features={k} as its last dimension, got shape {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise TypeError(f"x must have the weight dtype {dtype}, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the {what} weight is on {device}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(dtype,))
+        if bias.shape[0] != n or bias.device != device:
+            raise ValueError(f"bias must have shape ({n},) on {device}, got {tuple(bias.shape)} on {bias.device}")
+
+
 def is_real_number(value) -> bool:
     """A real number that is not a bool (float / int first: the Real check is an ABC lookup, and a whole-model
     merge checks thousands of these)."""

@@ -58,13 +58,15 @@ def size_mb(model_or_tensors: Tensors) -> float:
 
 
 def _linear_counts(model: nn.Module):
-    """(nonzeros, total entries) of each linear weight: nn.Linear and CSRLinear."""
-    from .nn import CSRLinear
+    """(nonzeros, total entries) of each linear weight: nn.Linear, CSRLinear and BitmapLinear."""
+    from .nn import BitmapLinear, CSRLinear
 
     counts = []
     for module in model.modules():
         if isinstance(module, CSRLinear):
             counts.append((module.csr.nnz, module.out_features * module.in_features))
+        elif isinstance(module, BitmapLinear):
+            counts.append((int(module.nnz), module.out_features * module.in_features))
         elif isinstance(module, nn.Linear):
             w = module.weight.detach()
             counts.append((int((w != 0).sum()), w.numel()))

@@ -1,4 +1,4 @@
-"""io: atomic writes, safetensors round trips and sharding, the lazy reader, manifests, output folders."""
+"""io: atomic writes, safetensors round trips and sharding, the reader, planned shards (the job folder: test_jobdir)."""
 import json
 import os
 
@@ -230,86 +230,7 @@ def test_reader_single_file_path_and_other_name(tmp_path):
     assert se_io.SafetensorsReader(tmp_path).keys() == ["x"]
 
 
-# ---------------------------------------------------------------- manifest and output folders
-
-def test_manifest_persist_and_resume(tmp_path):
-    m = se_io.Manifest(tmp_path)
-    assert m.done == set() and m.info(0) is None
-    m.mark_done(0, {"file": "blocks/block_00000.safetensors", "err": 0.5})
-    m.mark_done(1, {"file": "b1"})
-    again = se_io.Manifest(tmp_path)  # a new process after a crash
-    assert again.done == {0, 1}
-    assert again.info(0) == {"file": "blocks/block_00000.safetensors", "err": 0.5}
-    with pytest.raises(TypeError, match="info"):
-        again.mark_done(2, {"bad": object()})
-    assert se_io.Manifest(tmp_path).done == {0, 1}  # failed mark left the file intact
-    with pytest.raises(ValueError, match="block"):
-        again.mark_done(-1, {})
-    assert _files(tmp_path) == [se_io.MANIFEST_FILE]
-
-
-def test_manifest_crash_during_save_keeps_previous(tmp_path, monkeypatch):
-    m = se_io.Manifest(tmp_path)
-    m.mark_done(0, {})
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(se_io.atomic.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        m.mark_done(1, {})
-    monkeypatch.undo()
-    assert m.done == {0}
-    assert se_io.Manifest(tmp_path).done == {0}
-    assert _files(tmp_path) == [se_io.MANIFEST_FILE]
-
-
-def test_manifest_corrupt_file(tmp_path):
-    (tmp_path / se_io.MANIFEST_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="progress"):
-        se_io.Manifest(tmp_path)
-
-
-def test_prepare_output_dir_refuses_input(tmp_path):
-    inp = tmp_path / "model"
-    inp.mkdir()
-    (inp / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="is the input folder input_dirs\\[0\\]"):
-        se_io.prepare_output_dir(inp, input_dirs=[inp], overwrite=True)
-    with pytest.raises(ValueError, match="inside the input folder input_dirs\\[1\\]"):
-        se_io.prepare_output_dir(inp / "pruned", input_dirs=[tmp_path / "other", inp])
-    with pytest.raises(ValueError, match="contains the input folder"):
-        se_io.prepare_output_dir(tmp_path, input_dirs=[inp], overwrite=True)
-    link = tmp_path / "link"
-    link.symlink_to(inp)
-    with pytest.raises(ValueError, match="input folder"):
-        se_io.prepare_output_dir(link / "out", input_dirs=[inp])
-    assert not (inp / "pruned").exists() and not (inp / "out").exists()
-
-
-def test_prepare_output_dir_nonempty_resume_overwrite(tmp_path):
-    inp = tmp_path / "in"
-    inp.mkdir()
-    out = tmp_path / "out"
-    assert se_io.prepare_output_dir(out, input_dirs=[inp]) == str(out)
-    assert out.is_dir()
-    se_io.prepare_output_dir(out, input_dirs=[inp])  # empty: fine
-    se_io.Manifest(out).mark_done(0, {"x": 1})
-    with pytest.raises(ValueError, match="out_dir .* is not empty.*resume=True.*overwrite=True"):
-        se_io.prepare_output_dir(out, input_dirs=[inp])
-    se_io.prepare_output_dir(out, input_dirs=[inp], resume=True)
-    assert se_io.Manifest(out).done == {0}  # resume keeps progress
-    se_io.prepare_output_dir(out, input_dirs=[inp], overwrite=True)
-    assert se_io.Manifest(out).done == set()  # overwrite starts over
-    with pytest.raises(ValueError, match="resume=True and overwrite=True"):
-        se_io.prepare_output_dir(out, input_dirs=[inp], resume=True, overwrite=True)
-    f = tmp_path / "file"
-    f.write_text("x")
-    with pytest.raises(ValueError, match="not a folder"):
-        se_io.prepare_output_dir(f, input_dirs=[inp])
-
-
-# ---------------------------------------------------------------- validated headers, pread, planned shards
+# ---------------------------------------------------------------- corrupt files, reads into buffers, planned shards
 
 def test_truncated_or_corrupt_file_is_refused_naming_it(tmp_path):
     p = se_io.save_safetensors_atomic({"a": torch.randn(64, 8), "b": torch.randn(3)}, tmp_path / "model.safetensors")

@@ -36,6 +36,14 @@ def test_sparsity_and_compute_ratio():
     sparsify_linears_(model, min_sparsity=0.5)
     assert metrics.sparsity(model) == pytest.approx(4 / 18)
     assert metrics.compute_ratio(model) == pytest.approx(14 / 18)
+    bf = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 4)).to(torch.bfloat16)   # bitmap layers count too
+    with torch.no_grad():
+        bf[0].weight.copy_(w)
+        bf[1].weight.fill_(1.0)
+    assert sparsify_linears_(bf, min_sparsity=0.5, format="bitmap") == ["0"]
+    assert type(bf[0]).__name__ == "BitmapLinear"
+    assert metrics.sparsity(bf) == pytest.approx(4 / 18)
+    assert metrics.compute_ratio(bf) == pytest.approx(14 / 18)
     with pytest.raises(TypeError, match="model must be"):
         metrics.compute_ratio(w)
 

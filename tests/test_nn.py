@@ -169,3 +169,22 @@ def test_decode_model_matches_step_by_step_reference():
             expected = hf(torch.tensor([tokens])).logits[0, -1]
         assert_rel_close(logits.reshape(-1), expected, 1e-4, f"step {len(tokens)}")
         tokens.append(int(model.cache["token"]))
+
+
+def test_decode_model_loads_a_model_folder_through_the_reader(tmp_path):
+    """bench-decode's loader reads a saved LLaMA folder (sharded, through io.SafetensorsReader) into the decode
+    model: its first step equals transformers' logits on the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from sparsity_engine.nn import decode
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")      # several shards and an index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = decode.load_folder(str(tmp_path), device="cpu", dtype=torch.float32)
+    model.setup_cache(4)
+    model.reset(token=7)
+    with torch.no_grad():
+        expected = hf(torch.tensor([[7]])).logits[0, -1]
+    assert_rel_close(model.step().reshape(-1), expected, 1e-4, "first step")

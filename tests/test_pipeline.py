@@ -281,3 +281,21 @@ def test_hessians_shared_only_between_layers_reading_the_same_input(tiny_models)
     handle.remove()
     x = torch.cat(xs).reshape(-1, 32).double()
     assert torch.allclose(hs["self_attn.q_proj"].H.double(), 2 / 4 * x.t() @ x, rtol=1e-4, atol=1e-5)
+
+
+def test_pretokenised_safetensors_calibration_and_a_corrupt_file(tmp_path):
+    """Calibration ids from a .safetensors file go through io.SafetensorsReader: 'input_ids' rows are drawn and cut
+    to seqlen; a truncated file is a CalibrationError naming it."""
+    from sparsity_engine.io import save_safetensors_atomic
+    from sparsity_engine.pruning.calibration import CalibrationError, calibration_ids
+
+    ids = torch.randint(0, 100, (6, 40))
+    path = save_safetensors_atomic({"input_ids": ids, "other": torch.zeros(2)}, tmp_path / "ids.safetensors")
+    got = calibration_ids(path, None, nsamples=4, seqlen=32, seed=1)
+    assert got.shape == (4, 32)
+    assert all(any(torch.equal(row, r[:32]) for r in ids) for row in got)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:-16])
+    with pytest.raises(CalibrationError, match="ids.safetensors"):
+        calibration_ids(path, None, nsamples=4, seqlen=32, seed=1)

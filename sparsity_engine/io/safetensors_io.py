@@ -219,13 +219,14 @@ class SafetensorsFileError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lies in its file: ``start`` is the absolute byte offset of its data."""
+    """Where one tensor lies: ``file`` is its file, ``start`` the absolute byte offset of its data there."""
 
     name: str
     dtype: torch.dtype
     shape: Tuple[int, ...]
     start: int
     nbytes: int
+    file: str = ""
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -277,7 +278,7 @@ def read_header(path: PathLike) -> Tuple[Dict[str, str], Dict[str, TensorInfo]]:
             raise bad(f"tensor {name!r} ({e['dtype']} {list(shape)}) has data_offsets {[begin, end]} of the wrong size")
         if end > data_len:
             raise bad(f"tensor {name!r} needs bytes up to {data_start + end} but the file has {size}")
-        infos[name] = TensorInfo(name, dtype, shape, data_start + begin, end - begin)
+        infos[name] = TensorInfo(name, dtype, shape, data_start + begin, end - begin, path)
         spans.append((begin, end, name))
     pos = 0
     for begin, end, name in sorted(spans):
@@ -289,7 +290,9 @@ def read_header(path: PathLike) -> Tuple[Dict[str, str], Dict[str, TensorInfo]]:
     return {str(k): str(v) for k, v in meta.items()}, infos
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+def pread_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the bytes of file descriptor ``fd`` from ``offset`` on (positioned reads, no seek shared
+    with other threads); OSError at an early end of file."""
     done, n = 0, len(view)
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done) if hasattr(os, "preadv") else \
@@ -306,7 +309,7 @@ def _seek_read(fd: int, view: memoryview, offset: int) -> int:   # pragma: no co
     return len(data)
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
+def byte_view(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (any dtype, bf16 included)."""
     flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
     return memoryview(flat.numpy()).cast("B")
@@ -447,7 +450,7 @@ class SafetensorsReader:
         if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != info.dtype or \
                 out.numel() * out.element_size() != info.nbytes:
             raise ValueError(f"out must be a contiguous CPU {info.dtype} tensor of {info.nbytes} bytes for {name!r}")
-        _pread_into(self._fd(self._file_of[name]), _byte_view(out), info.start)
+        pread_into(self._fd(self._file_of[name]), byte_view(out), info.start)
         self.bytes_read += info.nbytes
         return out.view(info.shape)
 
@@ -506,7 +509,9 @@ class ShardPlan:
         return cls(tuple(zip(names, ordered)))
 
 
-def _header_bytes(entries, metadata: Dict[str, str]) -> Tuple[bytes, Dict[str, Tuple[int, int]]]:
+def header_bytes(entries, metadata: Dict[str, str]) -> Tuple[bytes, Dict[str, Tuple[int, int]]]:
+    """The safetensors header of a file holding ``entries`` [(name, dtype, shape)] in that data order: the 8-byte
+    length and the JSON (padded with spaces to 8 bytes), and each tensor's (offset in the data, nbytes)."""
     header: Dict[str, object] = {"__metadata__": metadata}
     spans, pos = {}, 0
     for name, dtype, shape in entries:
@@ -547,7 +552,7 @@ class PlannedShardWriter:
         self._fds: Dict[int, int] = {}
         self.bytes_written = 0
         for i, (fname, entries) in enumerate(plan.shards):
-            head, spans = _header_bytes(entries, meta)
+            head, spans = header_bytes(entries, meta)
             for name, (off, nbytes) in spans.items():
                 self._where[name] = (i, len(head) + off, nbytes)
             self._pending.append({e[0] for e in entries})
@@ -589,7 +594,7 @@ class PlannedShardWriter:
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or \
                 tensor.numel() * tensor.element_size() != nbytes:
             raise ValueError(f"tensor {name!r} must be a contiguous CPU tensor of {nbytes} bytes")
-        view, done = _byte_view(tensor), 0
+        view, done = byte_view(tensor), 0
         while done < nbytes:
             done += os.pwrite(fd, view[done:], offset + done)
         with self._lock:

@@ -6,13 +6,14 @@ base stores its tensors, at most ``max_shard_bytes`` each, as mergekit's writer 
 
 Run, in three kinds of threads:
 
-* one reader per input model reads its tensors in that order with positioned reads at the offsets of the
-  headers (``io.SafetensorsReader`` lists and checks the files; the bytes are read explicitly rather than
+* one reader per input model reads its tensors in that order with positioned reads (``io.pread_into``) at the
+  offsets ``io.SafetensorsReader`` found when it checked the files (the bytes are read explicitly rather than
   memory-mapped, so host memory stays at the buffers below and no page faults are taken), asks the kernel to
   read the next tensors ahead (posix_fadvise), and on a GPU copies through two pinned 64 MiB buffers on its
   own CUDA stream; at most ``read_ahead`` tensors per model wait in its queue;
 * the main thread aligns dtypes, merges on the device (``methods``), copies the result to the host;
-* one writer appends results to the current shard (header first: the layout is known), writes each shard
+* one writer appends results to the current shard (header first, ``io.header_bytes``: the layout is known),
+  writes each shard
   atomically under its final name, and marks it done in the job file.
 
 Host memory: about ``read_ahead`` + 1 tensors per model on the CPU path (on a GPU the read-ahead lives in GPU
@@ -29,7 +30,6 @@ import os
 import queue
 import resource
 import shutil
-import struct
 import sys
 import threading
 import time
@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..io.safetensors_io import TensorInfo, header_bytes, pread_into
+from ..io.safetensors_io import read_header as _io_read_header
 from .config import MergeConfig, MergeConfigError, layer_of, load_config, num_layers
 from .methods import METHODS, check_finite_params
 
@@ -52,12 +54,7 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
                    "added_tokens.json", "merges.txt", "chat_template.jinja", "generation_config.json",
                    "chat_template.json", "video_preprocessor_config.json", "vocab.txt", "vocab.json",
                    "spiece.model", "sentencepiece.bpe.model")
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_MAX_HEADER = 100 * 2**20
 
 
 class MergeInputError(ValueError):
@@ -66,41 +63,12 @@ class MergeInputError(ValueError):
 
 # ------------------------------------------------------------------ plan
 
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: torch.dtype
-    shape: Tuple[int, ...]
-    file: str
-    offset: int  # of its data in the file, from the file's start
-    nbytes: int
-
-
 def read_header(path: str) -> Dict[str, TensorInfo]:
-    """The tensors a .safetensors file declares (no data read); MergeInputError naming the file if the
-    header is unreadable or the file is shorter than its header says (truncated)."""
+    """The tensors a .safetensors file declares (io.read_header: no data read); MergeInputError naming the file if
+    the header is unreadable or the file is shorter than its header says (truncated)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER:
-                raise ValueError(f"header length {n} is not plausible")
-            header = json.loads(f.read(n))
-        size = os.path.getsize(path)
-        out = {}
-        for name, v in header.items():
-            if name == "__metadata__":
-                continue
-            if v["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"tensor {name!r} has dtype {v['dtype']!r}, which is not supported")
-            start, end = v["data_offsets"]
-            if 8 + n + end > size:
-                raise ValueError(f"it is truncated: tensor {name!r} ends at byte {8 + n + end} of {size}")
-            out[name] = TensorInfo(_ST_DTYPES[v["dtype"]], tuple(int(s) for s in v["shape"]), path, 8 + n + start,
-                                   end - start)
-        return out
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _io_read_header(path)[1]
+    except (OSError, ValueError) as exc:
         raise MergeInputError(f"cannot read the safetensors file {path!r}: {exc}") from None
 
 
@@ -135,26 +103,18 @@ class Plan:
 
 
 def _input_tensors(path: str) -> Tuple[List[str], Dict[str, TensorInfo]]:
-    """(names in storage order: by shard, then by offset; name -> where it lies) of one model folder."""
+    """(names in storage order: by shard, then by offset; name -> where it lies) of one model folder, from
+    io.SafetensorsReader, which checks every file's header and the index when it opens them."""
     from ..io import SafetensorsReader
 
     try:
         reader = SafetensorsReader(path)
-    except Exception as exc:  # safetensors raises its own error type for a corrupt header
-        for f in sorted(os.listdir(path)) if os.path.isdir(path) else []:
-            if f.endswith(".safetensors"):
-                read_header(os.path.join(path, f))  # names the unreadable file
+    except (OSError, ValueError) as exc:
         raise MergeInputError(f"model {path!r}: {exc}") from None
     with reader:
         files = reader.files
-        infos: Dict[str, TensorInfo] = {}
-        for f in files:
-            infos.update(read_header(f))
-        where = {name: files.index(reader.file_of(name)) for name in reader.keys()}
-    missing = [n for n in where if n not in infos]
-    if missing:
-        raise MergeInputError(f"model {path!r}: the index names tensors its shards do not hold: {missing[:4]}")
-    names = sorted(where, key=lambda n: (where[n], infos[n].offset))
+        infos = {name: reader.info(name) for name in reader.keys()}
+    names = sorted(infos, key=lambda n: (files.index(infos[n].file), infos[n].start))
     return names, infos
 
 
@@ -276,17 +236,9 @@ def _lay_out_shards(plan: Plan, max_shard_bytes: int) -> Plan:
 
 
 def _shard_header(plan: Plan, shard: int) -> bytes:
-    """The safetensors header of a shard (8-byte length + JSON, padded with spaces to 8 bytes)."""
-    header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    pos = 0
-    for t in plan.shard_tasks[shard]:
-        task = plan.tasks[t]
-        header[task.name] = {"dtype": _ST_NAMES[task.out_dtype], "shape": list(task.shape),
-                             "data_offsets": [pos, pos + task.out_bytes]}
-        pos += task.out_bytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+    """The safetensors header of a shard (io.header_bytes: the tensors in plan order)."""
+    entries = [(plan.tasks[t].name, plan.tasks[t].out_dtype, plan.tasks[t].shape) for t in plan.shard_tasks[shard]]
+    return header_bytes(entries, {"format": "pt"})[0]
 
 
 # ------------------------------------------------------------------ threads
@@ -323,17 +275,15 @@ class _Source:
             self._advised.add(name)
             info = self.infos[name]
             try:
-                os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self._fd(info.file), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
             except OSError:  # a file system without read-ahead hints: plain reads still work
                 self._advise = False
 
     def _pread(self, fd: int, view, offset: int, name: str) -> None:
-        got = 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise MergeInputError(f"tensor {name!r}: its file ends before its data (truncated?)")
-            got += n
+        try:
+            pread_into(fd, view, offset)
+        except OSError as exc:
+            raise MergeInputError(f"tensor {name!r}: {exc} (truncated file?)") from None
 
     def read(self, name: str, stream=None) -> torch.Tensor:
         """The tensor on the source's device (on the GPU through two pinned staging buffers, copies on
@@ -349,7 +299,7 @@ class _Source:
         fd, flat = self._fd(info.file), out.view(-1).view(torch.uint8)
         if self.device.type == "cpu":
             for pos in range(0, info.nbytes, READ_CHUNK):
-                self._pread(fd, memoryview(flat[pos:pos + READ_CHUNK].numpy()), info.offset + pos, name)
+                self._pread(fd, memoryview(flat[pos:pos + READ_CHUNK].numpy()), info.start + pos, name)
             return out
         if not self._staging:
             self._staging = [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
@@ -360,7 +310,7 @@ class _Source:
                 self._copied[k].synchronize()  # the buffer's last copy to the GPU is done: it may be refilled
             n = min(READ_CHUNK, info.nbytes - pos)
             buf = self._staging[k][:n]
-            self._pread(fd, memoryview(buf.numpy()), info.offset + pos, name)
+            self._pread(fd, memoryview(buf.numpy()), info.start + pos, name)
             with torch.cuda.stream(stream):
                 flat[pos:pos + n].copy_(buf, non_blocking=True)
                 self._copied[k] = torch.cuda.Event()

@@ -10,7 +10,6 @@ random weights from a ``transformers.LlamaConfig`` (or any object with its field
 """
 from __future__ import annotations
 
-import glob
 import os
 import time
 from typing import Dict, Optional, Sequence
@@ -155,19 +154,16 @@ def build_random(cfg, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> Dec
 def load_folder(model_dir: str, device="cuda", dtype=torch.bfloat16) -> DecodeLlama:
     """A LLaMA model folder (config.json + *.safetensors, transformers' names) as a DecodeLlama; no download."""
     from transformers import LlamaConfig
-    from safetensors.torch import load_file
+
+    from ..io import SafetensorsReader
 
     cfg = LlamaConfig.from_pretrained(model_dir, local_files_only=True)
     with torch.device("meta"):
         model = DecodeLlama(cfg, "meta", dtype)
     model = model.to_empty(device=device)
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    state = {}
-    for path in files:
-        state.update({k: v.to(device=device, dtype=dtype) for k, v in load_file(path).items()
-                      if not k.endswith("rotary_emb.inv_freq")})
+    with SafetensorsReader(model_dir) as reader:   # the index or the one file; headers checked
+        state = {k: reader.get(k).to(device=device, dtype=dtype) for k in reader.keys()
+                 if not k.endswith("rotary_emb.inv_freq")}
     if "lm_head.weight" not in state and getattr(cfg, "tie_word_embeddings", False):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)

@@ -92,9 +92,13 @@ def load_token_tensor(path: str) -> torch.Tensor:
     if not os.path.isfile(path):
         raise CalibrationError(f"calibration file {path!r} does not exist or is not a file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from ..io import SafetensorsReader
 
-        tensors = load_file(path)
+        try:
+            with SafetensorsReader(path) as reader:
+                tensors = {k: reader.get(k) for k in reader.keys()}
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"calibration file {path!r} cannot be read: {exc}") from None
         if "input_ids" in tensors:
             ids = tensors["input_ids"]
         elif len(tensors) == 1:

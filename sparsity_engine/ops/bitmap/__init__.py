@@ -19,8 +19,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from ..._dispatch import backend_reasons, choose, dispatch, import_backend, resolve_backend
-from ..._validate import FLOAT_DTYPES, check_tensor
+from ..._dispatch import backend_reasons, choose_cached, dispatch, import_backend, resolve_backend
+from ..._validate import check_linear_input, check_tensor
 from .format import DTYPES, BitmapMatrix, validate_bitmap
 from . import reference  # noqa: F401  (registers the oracle)
 
@@ -79,21 +79,7 @@ def densify(bm: BitmapMatrix) -> torch.Tensor:
 
 def _check_linear_args(x, bm, bias) -> None:
     validate_bitmap(bm)
-    check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
-    n, k = bm.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x must have in_features={k} as its last dimension, got shape {tuple(x.shape)}")
-    if x.dtype != bm.dtype:
-        raise TypeError(f"x must have the weight dtype {bm.dtype}, got {x.dtype}")
-    if x.device != bm.device:
-        raise ValueError(f"x is on {x.device} but the bitmap weight is on {bm.device}")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=(bm.dtype,))
-        if bias.shape[0] != n or bias.device != bm.device:
-            raise ValueError(f"bias must have shape ({n},) on {bm.device}, got {tuple(bias.shape)} on {bias.device}")
-
-
-_PLANS: Dict[tuple, object] = {}
+    check_linear_input(x, bm.shape, bm.dtype, bm.device, bias, "bitmap")
 
 
 def bitmap_linear(x: torch.Tensor, bm: BitmapMatrix, bias: Optional[torch.Tensor] = None, *,
@@ -108,10 +94,7 @@ def bitmap_linear(x: torch.Tensor, bm: BitmapMatrix, bias: Optional[torch.Tensor
     n, k = bm.shape
 
     def compute(x2: torch.Tensor) -> torch.Tensor:
-        key = (resolve_backend(backend), x2.device.type, x2.dtype, bias is not None)
-        impl = _PLANS.get(key)
-        if impl is None:
-            impl = _PLANS[key] = choose("bitmap_linear", backend, x2, bm, bias)
+        impl = choose_cached("bitmap_linear", backend, (x2.device, x2.dtype, bias is not None), x2, bm, bias)
         if resolve_backend(backend) is None and impl.backend == "cuda" and x2.shape[0] > MAX_TOKENS:
             return F.linear(x2, densify(bm), bias)
         return impl.fn(x2, bm, bias)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._dispatch import choose_cached, dispatch, import_backend, resolve_backend
-from ..._validate import FLOAT_DTYPES, check_tensor
+from ..._validate import FLOAT_DTYPES, check_linear_input, check_tensor
 from .format import ALIGN, CSRMatrix, validate_csr
 from .tiles import tiles_apply
 from . import reference  # noqa: F401  (registers the oracle)
@@ -103,18 +103,7 @@ def prefer_dense(tokens: int, density: float, dense_fallback: Optional[bool] = N
 
 def _check_linear_args(x, csr, bias) -> None:
     validate_csr(csr)
-    check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
-    n, k = csr.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x must have in_features={k} as its last dimension, got shape {tuple(x.shape)}")
-    if x.dtype != csr.dtype:
-        raise TypeError(f"x must have the weight dtype {csr.dtype}, got {x.dtype}")
-    if x.device != csr.device:
-        raise ValueError(f"x is on {x.device} but the CSR weight is on {csr.device}")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=(csr.dtype,))
-        if bias.shape[0] != n or bias.device != csr.device:
-            raise ValueError(f"bias must have shape ({n},) on {csr.device}, got {tuple(bias.shape)} on {bias.device}")
+    check_linear_input(x, csr.shape, csr.dtype, csr.device, bias, "CSR")
 
 
 def _impl_for(backend, x2, csr, bias):
