@@ -66,8 +66,11 @@ def torchrun_prune(nproc: int, model: str, out: str, ids: str, common: list, log
         return res
     with open(os.path.join(out, "sparsity_report.json")) as f:
         rep = json.load(f)
-    per_block = [sum(v for k, v in t.items() if k.endswith("_s"))
-                 for _, t in sorted(rep["timings"]["per_block"].items(), key=lambda kv: int(kv[0]))]
+    blocks = [t for _, t in sorted(rep["timings"]["per_block"].items(), key=lambda kv: int(kv[0]))]
+    per_block = [sum(v for k, v in t.items() if k.endswith("_s")) for t in blocks]
+    for phase in ("hessian", "prune", "propagate"):        # where a block's time goes (median after block 0)
+        vals = [t.get(f"{phase}_s", 0.0) for t in blocks]
+        res[f"{phase}_median_s"] = statistics.median(vals[1:] or vals)
     res.update(per_block_s=per_block, block_median_s=statistics.median(per_block[1:] or per_block),
                phases=rep["timings"]["phases"], report_total_s=rep["timings"]["total_s"],
                peak_gpu_bytes_rank0=rep["memory"]["peak_gpu_bytes"], sparsity=rep["summary"]["sparsity"],
@@ -191,8 +194,9 @@ def summarize(report: Report, quick: bool) -> None:
             v = row["extrapolated_job_s"]
             checks.append(f"80-block job {v:.0f}s {'<=' if v <= t else '>'} {t:.0f}s")
         row["targets"] = "; ".join(checks)
-    report.print_table(["run", "blocks", "rc", "wall_s", "block_median_s", "speedup", "extrapolated_job_s",
-                        "peak_gpu_bytes_rank0", "mask_agreement", "targets"])
+    report.print_table(["run", "blocks", "rc", "wall_s", "block_median_s", "hessian_median_s", "prune_median_s",
+                        "propagate_median_s", "speedup", "extrapolated_job_s", "peak_gpu_bytes_rank0",
+                        "mask_agreement", "targets"])
 
 
 if __name__ == "__main__":
