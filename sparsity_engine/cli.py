@@ -11,7 +11,8 @@ Exit codes (stable, for scripts):
       (missing, unknown architecture, truncated or corrupt safetensors, empty or binary text, an output
       folder that is an input, or holds something a job of ours did not make, or a --resume whose settings
       differ from the interrupted job's)
-4     runtime failure while working (out of memory, a numerical failure, a backend error ...)
+4     runtime failure while working (out of memory, a numerical failure, a backend error, another process of a
+      torchrun job that died or timed out ...)
 130   interrupted (Ctrl-C); an interrupted ``prune`` continues with ``--resume``
 ====  ===========================================================================================
 
