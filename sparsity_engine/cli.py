@@ -11,7 +11,8 @@ Exit codes (stable, for scripts):
       (missing, unknown architecture, truncated or corrupt safetensors, empty or binary text, an output
       folder that is an input, or holds something a job of ours did not make, or a --resume whose settings
       differ from the interrupted job's)
-4     runtime failure while working (out of memory, a numerical failure, a backend error ...)
+4     runtime failure while working (out of memory, a numerical failure, a backend error, another process of a
+      torchrun job that died or timed out ...)
 130   interrupted (Ctrl-C); an interrupted ``prune`` continues with ``--resume``
 ====  ===========================================================================================
 
@@ -101,6 +102,13 @@ def _finite(text: str) -> float:
 
 
 _percdamp = _number_in("(0, inf)", lambda v: 0.0 < v < math.inf)
+_seconds = _percdamp
+
+
+def _add_dist_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="with several processes (torchrun --nproc-per-node N -m sparsity_engine ...): how long a "
+                   "process waits for the others before the job fails (default 600)")
 
 
 def _override(text: str):
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(p)
     _add_run_args(p)
     p.add_argument("--max-shard-size", type=_shard_size, default=5 * 2**30, help="shard size (default 5GiB)")
+    _add_dist_arg(p)
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval", action="store_true", help="also measure dense and pruned perplexity (see 'eval')")
     ev.add_argument("--eval-text", metavar="FILE", default=None, help="text for --eval (default: bundled held-out text)")
@@ -231,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward (default 8)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_dist_arg(e)
 
     from .merge.cli import add_parser as add_merge_parser
 
@@ -285,15 +295,17 @@ def quiet_libraries() -> None:
         pass
 
 
-def _progress(args):
+def _progress(args, dist=None):
+    """Progress output; with several processes only rank 0 shows it."""
     from .pruning.progress import Progress
 
     if args.quiet:
         quiet_libraries()
-    return Progress(not args.quiet)
+    return Progress(not args.quiet and (dist is None or dist.writes))
 
 
 def _cmd_prune(args) -> int:
+    from .pruning.distributed import launch
     from .pruning.models import DEFAULT_SKIP
     from .pruning.pipeline import PruneConfig, run_prune_job
     from .pruning.report import final_line
@@ -302,12 +314,14 @@ def _cmd_prune(args) -> int:
                          overrides=list(args.override), skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()),
                          blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
                          backend=None if args.backend in (None, "auto") else args.backend)
-    result = run_prune_job(args.model_dir, args.out, config, calib=args.calib, nsamples=args.nsamples,
-                           seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
-                           resume=args.resume, overwrite=args.overwrite, progress=_progress(args),
-                           max_shard_bytes=args.max_shard_size, evaluate=args.eval, eval_text=args.eval_text,
-                           eval_nsamples=args.eval_nsamples, eval_seqlen=args.eval_seqlen)
-    print(final_line(result.report), flush=True)
+    with launch(args.device, args.dist_timeout) as dist:          # torchrun: one of several processes
+        result = run_prune_job(args.model_dir, args.out, config, calib=args.calib, nsamples=args.nsamples,
+                               seqlen=args.seqlen, seed=args.seed, device=args.device, dtype=args.dtype,
+                               resume=args.resume, overwrite=args.overwrite, progress=_progress(args, dist),
+                               max_shard_bytes=args.max_shard_size, evaluate=args.eval, eval_text=args.eval_text,
+                               eval_nsamples=args.eval_nsamples, eval_seqlen=args.eval_seqlen, dist=dist)
+        if dist is None or dist.writes:
+            print(final_line(result.report), flush=True)
     return EXIT_OK
 
 
@@ -329,11 +343,15 @@ def _cmd_task_vectors(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .pruning.distributed import launch
     from .pruning.evaluate import run_eval
     from .pruning.report import human_bytes
 
-    res = run_eval(args.model_dir, text=args.text, seqlen=args.seqlen, nsamples=args.nsamples, device=args.device,
-                   batch_size=args.batch_size, progress=_progress(args))
+    with launch(args.device, args.dist_timeout) as dist:          # torchrun: one of several processes
+        res = run_eval(args.model_dir, text=args.text, seqlen=args.seqlen, nsamples=args.nsamples,
+                       device=args.device, batch_size=args.batch_size, progress=_progress(args, dist), dist=dist)
+    if dist is not None and not dist.writes:
+        return EXIT_OK
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -412,6 +430,20 @@ _COMMANDS = {"prune": _cmd_prune, "prune-task-vectors": _cmd_task_vectors, "eval
              "info": _cmd_info, "demo": _cmd_demo, "bench-decode": _cmd_bench_decode}
 
 
+# commands that run over several processes (torchrun); the others refuse to start N copies of one job
+_SEVERAL_PROCESSES = ("prune", "eval", "info")
+
+
+def _one_process_only(command: str) -> None:
+    from .pruning.distributed import world_from_env
+    from .pruning.settings import ConfigError
+
+    found = world_from_env()
+    if found is not None:
+        raise ConfigError(f"{command} runs in one process, but this is one of {found[1]} (torchrun); only prune "
+                          "and eval run over several processes")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``sparsity-engine``; returns the exit code (see the module docstring)."""
     parser = build_parser()
@@ -435,6 +467,8 @@ def _run(fn, args) -> int:
     from .pruning.settings import ConfigError, InputError
 
     try:
+        if args.command not in _SEVERAL_PROCESSES:
+            _one_process_only(args.command)
         return fn(args)
     except ConfigError as exc:
         _err(str(exc))

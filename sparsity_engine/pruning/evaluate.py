@@ -112,12 +112,13 @@ class PerplexityRun:
 
 class PerplexityPair:
     """Dense and pruned perplexity in one pass of a prune job: both start from one capture of block 0's
-    inputs; ``dense.step`` runs each block before it is pruned, ``pruned.step`` after."""
+    inputs; ``dense.step`` runs each block before it is pruned, ``pruned.step`` after. With ``dist`` (several
+    processes) ``ids`` are this rank's windows and the scores are summed over the ranks."""
 
-    def __init__(self, model: nn.Module, layout, ids: torch.Tensor, device, batch_size: int):
+    def __init__(self, model: nn.Module, layout, ids: torch.Tensor, device, batch_size: int, dist=None):
         x = capture_block_inputs(model, layout, ids, device=device, batch_size=batch_size, move=False)
         y = BlockInputs([h.clone() for h in x.hidden], x.extra_args, x.kwargs, device=x.device)
-        self.model, self.layout, self.ids, self.device = model, layout, ids, device
+        self.model, self.layout, self.ids, self.device, self.dist = model, layout, ids, device, dist
         self.dense, self.pruned = PerplexityRun(ids, x), PerplexityRun(ids, y)
 
     def inputs(self) -> List[BlockInputs]:
@@ -129,8 +130,8 @@ class PerplexityPair:
         tensors.set(loader.place(loader.submit(outside).result()))
         move_outside_blocks(self.model, self.layout, self.device)
         try:
-            return {"dense": score(self.model, self.layout, self.dense),
-                    "pruned": score(self.model, self.layout, self.pruned)}
+            return {"dense": score(self.model, self.layout, self.dense, dist=self.dist),
+                    "pruned": score(self.model, self.layout, self.pruned, dist=self.dist)}
         finally:
             tensors.release(outside)
 
@@ -153,8 +154,9 @@ class _Replay(nn.Module):
 
 
 @torch.no_grad()
-def score(model: nn.Module, layout, run: PerplexityRun) -> Dict[str, Any]:
-    """exp(mean window loss) with the model's own forward over replayed blocks (module docstring)."""
+def score(model: nn.Module, layout, run: PerplexityRun, dist=None) -> Dict[str, Any]:
+    """exp(mean window loss) with the model's own forward over replayed blocks (module docstring). With ``dist``
+    the windows' summed losses and counts are summed over the ranks first (a rank may hold no window)."""
     from .capture import _forward_kwargs
 
     blocks = layout.blocks
@@ -177,14 +179,20 @@ def score(model: nn.Module, layout, run: PerplexityRun) -> Dict[str, Any]:
     finally:
         for j, m in enumerate(originals):
             blocks[j] = m
+    if dist is not None:
+        total, count = dist.sum([total, count], "summing the evaluation losses")
+        count = int(count)
     mean = total / count
     return {"perplexity": math.exp(mean), "loss": mean, "windows": count, "seqlen": int(run.ids.shape[1])}
 
 
 def run_eval(model_dir: str, *, text: Optional[str] = None, seqlen: Optional[int] = None,
              nsamples: Optional[int] = None, device: Optional[str] = None, batch_size: int = 8,
-             progress=None) -> Dict[str, Any]:
-    """Perplexity of the model in ``model_dir`` (streamed; never written to). Returns the result dict."""
+             progress=None, dist=None) -> Dict[str, Any]:
+    """Perplexity of the model in ``model_dir`` (streamed; never written to). Returns the result dict.
+
+    ``dist`` (:func:`.distributed.launch`): one of several processes, on ``dist.device``, running its share of
+    the windows; every rank returns the same perplexity (memory and bytes are this process's)."""
     from .model_io import ModelFolder, ModelTensors, WeightLoader, device_description, layout_of, move_buffers
     from .progress import Progress
     from .report import device_memory_peak, peak_rss_bytes
@@ -195,13 +203,15 @@ def run_eval(model_dir: str, *, text: Optional[str] = None, seqlen: Optional[int
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     from .model_io import resolve_device
 
-    dev = resolve_device(device)
+    dev = resolve_device(device) if dist is None else dist.device
     folder = ModelFolder(model_dir)
     model = folder.skeleton()
     check_causal_lm(model)
     layout = layout_of(model)
     tensors = ModelTensors(model, folder.reader, folder.path)
     ids = eval_windows(folder, folder.tokenizer(), text, seqlen=seqlen, nsamples=nsamples)
+    if dist is not None:
+        ids = dist.share(ids)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     loader = WeightLoader(folder.reader, tensors, dev)
@@ -224,7 +234,7 @@ def run_eval(model_dir: str, *, text: Optional[str] = None, seqlen: Optional[int
             tensors.release(names[i])
             bar.update(1)
         bar.close()
-        result = score(model, layout, run)
+        result = score(model, layout, run, dist=dist)
     finally:
         loader.close()
     result.update(model_dir=folder.path, text=text or bundled_eval_path(), device=device_description(dev),

@@ -78,30 +78,40 @@ def check_model_fits(model: nn.Module, layout: BlockLayout, config: PruneConfig)
 @torch.no_grad()
 def prune_block(block: nn.Module, index: int, layout: BlockLayout, inputs: Optional[BlockInputs],
                 config: PruneConfig, *, device, progress: Optional[Progress] = None,
-                timer: Optional[PhaseTimer] = None, lazy: bool = False, measure: bool = False):
+                timer: Optional[PhaseTimer] = None, lazy: bool = False, measure: bool = False, dist=None):
     """Prune the linears of one block in place (block on ``device``), returning one record each.
 
     Hessians are accumulated only for layers whose method reads activations (``inputs`` may be None when none
     does), or for every layer with ``measure`` (the loss of magnitude layers is then reported too). Losses and sparsities stay on the device: with ``lazy`` a function is returned that reads them
     (one synchronisation, called once the block's other work is queued), else the records themselves.
+    With ``dist`` (several processes, :mod:`.distributed`) the Hessians are summed over the ranks, each rank
+    prunes the layers it owns and every pruned layer is then broadcast from its owner.
     """
     targets = block_targets(block, layout.block_name(index), config)
     if not targets:
         return (lambda: []) if lazy else []
     need = {n: mod for n, (mod, spec) in targets.items() if measure or spec.method != "magnitude"}
     hessians = collect_hessians(block, need, inputs, device=device, backend=config.backend) if need else {}
+    if dist is not None:
+        dist.sum_hessians(hessians)
+        owners = dist.owners([(n, tuple(weight_out_in(m).shape), s.method) for n, (m, s) in targets.items()])
     if timer is not None:
         timer.mark("hessian")
-    pending = []
+    results = {}
     bar = (progress or Progress(False)).bar(len(targets), f"block {index}", leave=False, position=1)
     try:
         for name, (mod, spec) in targets.items():
-            H = hessians[name].H if name in hessians else None
-            pending.append((name, spec, _prune_one(mod, spec, H, config)))
+            if dist is None or owners[name] == dist.rank:
+                H = hessians[name].H if name in hessians else None
+                results[name] = _prune_one(mod, spec, H, config)
             bar.update(1)
     finally:
         bar.close()
+    if dist is not None:
+        for name, (mod, spec) in targets.items():
+            results[name] = _share_pruned(dist, mod, owners[name], results.get(name), name in hessians)
     del hessians
+    pending = [(name, spec, results[name]) for name, (_, spec) in targets.items()]
     if timer is not None:
         timer.mark("prune")
     return (lambda: _records(index, pending)) if lazy else _records(index, pending)
@@ -119,6 +129,23 @@ def _prune_one(mod: nn.Module, spec: LayerSpec, H: Optional[torch.Tensor], confi
     set_weight_out_in_(mod, res.weight)
     zeros = (weight_out_in(mod) == 0).sum()
     return finite, zeros, loss, total, tuple(w.shape)
+
+
+def _share_pruned(dist, mod: nn.Module, owner: int, result: Optional[tuple], measured: bool) -> tuple:
+    """The pruned weight of ``mod`` and its numbers (:func:`_prune_one`'s tuple) on every rank, broadcast from the
+    rank that pruned it (``result`` is that rank's tuple, None elsewhere)."""
+    w = mod.weight.data
+    if result is not None:
+        finite, zeros, loss, total, _ = result
+        nothing = torch.zeros((), dtype=torch.float32, device=w.device)
+        numbers = torch.stack([finite.float(), zeros.float()] +
+                              ([loss.float(), total.float()] if measured else [nothing, nothing]))
+    else:
+        numbers = torch.empty(4, dtype=torch.float32, device=w.device)
+    dist.broadcast_(w, owner)
+    dist.broadcast_(numbers, owner)
+    finite, zeros, loss, total = numbers.unbind()
+    return finite > 0, zeros, loss if measured else None, total if measured else None, tuple(weight_out_in(mod).shape)
 
 
 def _records(index: int, pending) -> List[LayerRecord]:
@@ -246,12 +273,14 @@ def run_prune_job(model_dir: str, out_dir: str, config: PruneConfig, *, calib: O
                   dtype: str = "auto", resume: bool = False, overwrite: bool = False,
                   progress: Optional[Progress] = None, max_shard_bytes: int = 5 * 2**30,
                   evaluate: bool = False, eval_text: Optional[str] = None, eval_nsamples: Optional[int] = None,
-                  eval_seqlen: Optional[int] = None) -> JobResult:
+                  eval_seqlen: Optional[int] = None, dist=None) -> JobResult:
     """Prune the model in ``model_dir`` into ``out_dir``, streaming (module docstring); resumable.
 
     Every setting, the model folder (config, architecture, safetensors headers, tensor shapes, N:M widths,
     positions) and the calibration data are checked before the output folder is touched. ``evaluate`` adds the
     dense and the pruned perplexity (:mod:`.evaluate`) of ``eval_text`` to the report, computed in the same pass.
+    ``dist`` (:func:`.distributed.launch`): one of several processes, on ``dist.device``; rank 0 writes and gets
+    the report, the other ranks get a JobResult with no records and an empty report.
     """
     from . import jobstate
     from .model_io import ModelFolder, ModelTensors, layout_of, resolve_device
@@ -261,7 +290,7 @@ def run_prune_job(model_dir: str, out_dir: str, config: PruneConfig, *, calib: O
     jobstate.check_run_settings(nsamples=nsamples, seqlen=seqlen, seed=seed, max_shard_bytes=max_shard_bytes)
     jobstate.check_file("calibration file", calib)
     jobstate.check_file("evaluation text", eval_text if evaluate else None)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if dist is None else dist.device
     folder = ModelFolder(model_dir, dtype)
     skeleton = folder.skeleton()
     layout = layout_of(skeleton)
@@ -269,6 +298,8 @@ def run_prune_job(model_dir: str, out_dir: str, config: PruneConfig, *, calib: O
     check_model_fits(skeleton, layout, config)
     calibrate = needs_calibration(skeleton, layout, config)
     tokenizer = folder.tokenizer() if calibrate or evaluate else None
+    if calibrate and dist is not None:
+        dist.check_calibration(nsamples)
     ids = jobstate.calibration(folder, tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed) \
         if calibrate else None
     eval_ids = None
@@ -281,15 +312,27 @@ def run_prune_job(model_dir: str, out_dir: str, config: PruneConfig, *, calib: O
                                        dtype=folder.dtype, max_shard_bytes=max_shard_bytes)
     inputs = {"model folder": folder.path, **({"calibration file": calib} if calib else {})}
     batch = config.batch_size or auto_batch_size(layout, seqlen, nsamples, dev)
-    runtime = {"device": str(dev), "backend": config.backend, "batch_size": batch}
-    job = jobstate.open_prune_job(out_dir, settings, inputs, runtime, resume=resume, overwrite=overwrite)
+    runtime = {"device": str(dev), "backend": config.backend, "batch_size": batch,
+               "processes": 1 if dist is None else dist.world}
+
+    def open_job():
+        return jobstate.open_prune_job(out_dir, settings, inputs, runtime, resume=resume, overwrite=overwrite)
+
+    job = open_job() if dist is None else dist.open_job(open_job)
     with job:
         if job.finished:
             progress.write(f"{job.out_dir} already holds this finished job; nothing to do")
-            return jobstate.finished_result(job, REPORT_JSON)
+            return jobstate.finished_result(job, REPORT_JSON) if dist is None or dist.writes else \
+                JobResult(job.out_dir, [], {}, 0)
         run = _StreamingRun(job, folder, skeleton, layout, tensors, config, dev, progress,
-                            max_shard_bytes=max_shard_bytes, convert_dtype=dtype != "auto", batch_size=batch)
+                            max_shard_bytes=max_shard_bytes, convert_dtype=dtype != "auto", batch_size=batch,
+                            dist=dist)
+        if dist is not None:         # each rank runs its own share of the sequences and windows
+            ids = None if ids is None else dist.share(ids)
+            eval_ids = None if eval_ids is None else dist.share(eval_ids)
         report = run.run(ids, eval_ids)
+        if report is None:           # not the rank that writes
+            return JobResult(job.out_dir, [], {}, run.start)
         report["settings"] = {**settings, **runtime, "model_dir": folder.path, "calib": calib,
                               "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
         report["timings"]["total_s"] = time.perf_counter() - t_start
@@ -302,27 +345,31 @@ class _StreamingRun:
     """The streaming engine of :func:`run_prune_job` (one object per run, so the loop reads plainly)."""
 
     def __init__(self, job, folder, skeleton, layout, tensors, config: PruneConfig, device: torch.device,
-                 progress: Progress, *, max_shard_bytes: int, convert_dtype: bool, batch_size: int):
+                 progress: Progress, *, max_shard_bytes: int, convert_dtype: bool, batch_size: int, dist=None):
         from ..io import PlannedShardWriter, ShardPlan
         from .model_io import OUTSIDE, BlockWriter, WeightLoader
 
         self.job, self.folder, self.model, self.layout, self.tensors = job, folder, skeleton, layout, tensors
         self.config, self.device, self.progress = config, device, progress
         self.convert_dtype, self.batch_size = convert_dtype, batch_size
+        self.dist = dist
+        self.writes = dist is None or dist.writes     # several processes: rank 0 alone writes
         self.nblocks = len(layout)
         self.block_names = [tensors.under(layout.block_name(i)) for i in range(self.nblocks)]
         self.outside = tensors.outside(layout)
-        plan = ShardPlan.make([(n, tensors.dtype_of(n), tensors.shape_of(n)) for n in tensors.names],
-                              max_shard_bytes)
-        self.shards = PlannedShardWriter(job.out_dir, plan, path_of=job.output)
+        self.plan = ShardPlan.make([(n, tensors.dtype_of(n), tensors.shape_of(n)) for n in tensors.names],
+                                   max_shard_bytes)
         done = job.done
         self.start = 0
         while self.start < self.nblocks and str(self.start) in done:
             self.start += 1
-        self.shards.written([n for i in range(self.start) for n in self.block_names[i]] +
-                            (self.outside if OUTSIDE in done else []))
+        self.shards = self.writer = None
+        if self.writes:
+            self.shards = PlannedShardWriter(job.out_dir, self.plan, path_of=job.output)
+            self.shards.written([n for i in range(self.start) for n in self.block_names[i]] +
+                                (self.outside if OUTSIDE in done else []))
+            self.writer = BlockWriter(self.shards, self._on_written)
         self.loader = WeightLoader(folder.reader, tensors, device)
-        self.writer = BlockWriter(self.shards, self._on_written)
         self.per_block: Dict[str, Dict[str, float]] = {}
         self._outside_written = False
 
@@ -347,7 +394,7 @@ class _StreamingRun:
         from ..io import SafetensorsReader
 
         files = []
-        for fname, _ in self.shards.plan.shards:
+        for fname, _ in self.plan.shards:
             final = self.job.path(fname)
             files.append(final if os.path.isfile(final) else self.job.path(f".{fname}.partial"))
         return SafetensorsReader(self.job.out_dir, files=files)
@@ -355,7 +402,8 @@ class _StreamingRun:
     def _load(self, future) -> None:
         self.tensors.set(self.loader.place(future.result()))
 
-    def run(self, ids: Optional[torch.Tensor], eval_ids: Optional[torch.Tensor]) -> Dict[str, Any]:
+    def run(self, ids: Optional[torch.Tensor], eval_ids: Optional[torch.Tensor]) -> Optional[Dict[str, Any]]:
+        """Prune (and evaluate) every block not done yet; the report, or None on a rank that does not write."""
         from .model_io import OUTSIDE, move_buffers
 
         dev = self.device
@@ -366,7 +414,7 @@ class _StreamingRun:
         outside_host = self.loader.submit(self.outside).result()
         self.tensors.set(self.loader.place(outside_host))
         move_outside_blocks(self.model, self.layout, dev)
-        if OUTSIDE not in self.job.done:
+        if OUTSIDE not in self.job.done and self.writes:
             self.writer.submit(OUTSIDE, {n: t if t.dtype == self.tensors.dtype_of(n) else
                                          t.to(self.tensors.dtype_of(n)) for n, t in outside_host.items()})
         del outside_host
@@ -381,7 +429,7 @@ class _StreamingRun:
         if eval_ids is not None:
             from .evaluate import PerplexityPair
 
-            evals = PerplexityPair(self.model, self.layout, eval_ids, dev, batch)
+            evals = PerplexityPair(self.model, self.layout, eval_ids, dev, batch, dist=self.dist)
         self._place_activations(inputs, evals)
         self.tensors.release(self.outside)
         capture_s = time.perf_counter() - t0
@@ -407,16 +455,21 @@ class _StreamingRun:
                     self._prune_block(i, block, inputs, evals, timer, read_s)
                 self.tensors.release(self.block_names[i])
                 bar.update(1)
-            self.writer.close()
-            index = self.shards.close()
-            files, skipped = self._copy_files()
+            if self.writes:
+                self.writer.close()
+                index = self.shards.close()
+                files, skipped = self._copy_files()
             ev = evals.finish(self.loader, self.tensors, self.outside) if evals is not None else None
         finally:
             bar.close()
-            with contextlib.suppress(BaseException):   # blocks already on disk get marked done
-                self.writer.close()
+            if self.writes:
+                with contextlib.suppress(BaseException):   # blocks already on disk get marked done
+                    self.writer.close()
             self.loader.close()
-            self.shards.abort()
+            if self.writes:
+                self.shards.abort()
+        if not self.writes:
+            return None
         report = self._report(index, capture_s, ev)
         report["files"].update(copied=files, skipped=skipped)
         return report
@@ -463,7 +516,7 @@ class _StreamingRun:
             evals.dense.step(block)
             timer.mark("eval")
         resolve = prune_block(block, i, self.layout, inputs, self.config, device=self.device,
-                              progress=self.progress, timer=timer, lazy=True)
+                              progress=self.progress, timer=timer, lazy=True, dist=self.dist)
         if inputs is not None and i + 1 < self.nblocks:
             run_block(block, inputs, replace=True)
         timer.mark("propagate")
@@ -475,8 +528,9 @@ class _StreamingRun:
         timing = {f"{k}_s": v for k, v in timer.seconds().items() if k != "start"}   # the block's one sync
         timing["read_s"] = read_s
         info = {"layers": [asdict(r) for r in records], "timing": timing}
-        self.writer.submit(str(i), self.tensors.current(self.block_names[i]),
-                           measure=[r.name + ".weight" for r in records], info=info)
+        if self.writes:
+            self.writer.submit(str(i), self.tensors.current(self.block_names[i]),
+                               measure=[r.name + ".weight" for r in records], info=info)
         timing["write_s"] = time.perf_counter() - t_write
         self.per_block[str(i)] = timing
         worst = max((r.rel_error for r in records if r.rel_error is not None), default=None)
