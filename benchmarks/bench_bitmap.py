@@ -9,15 +9,16 @@ Per point, same inputs:
 * ours_us   -- the bitmap CUDA kernel itself (csrc/bitmap.cu), at every token count;
 * auto_us   -- ``bitmap_linear`` as shipped (above ops.bitmap.MAX_TOKENS tokens: dense rebuilt + F.linear);
 * csr_us    -- ``csr_linear`` with its sparse kernels (dense_fallback=False) at 1, 8 and 16 tokens;
-* v0_us, v1_us, v2_us -- each staging variant of the kernel (ops/bitmap/cuda.py: VARIANT) at 1, 8, 16 tokens
-  (the default one only, unless SE_BITMAP_BULK=1);
+* v0_us .. v3_us -- each kernel variant (ops/bitmap/cuda.py: VARIANT; 3 = CUDA cores, work per nonzero) at 1, 2,
+  4, 8, 16 tokens: the default one only, or those SE_BITMAP_VARIANTS names ('0,3', 'all');
 * rebuild_us -- the dense fallback (bitmap -> dense kernel, then F.linear) at 16 .. 128 tokens (MAX_TOKENS);
 * floor_us  -- bitmap bytes (masks + offsets + values) + activations + output at the copy bandwidth measured in
   this run; eff = floor_us / ours_us; bytes_ratio = bitmap bytes / dense bytes.
 
 Times are medians over CUDA events around single calls with the L2 cache flushed (read) before each call
 (bench_csr.timing). Every point's output is compared with F.linear's (rel_err). A host-overhead section times
-the Python side of one eager BitmapLinear call (the GPU kept busy, so launches queue) against nn.Linear's.
+the Python side of one eager BitmapLinear call (the GPU kept busy, so launches queue) against nn.Linear's
+(with the default report name, or ``--host``).
 
     python benchmarks/bench_bitmap.py                 # GPU, the grid above (~1.5 min on an H100)
     python benchmarks/bench_bitmap.py --rule          # + the sparsities of the format rule
@@ -53,7 +54,7 @@ RULE_SPARSITIES = [0.3, 0.4, 0.6, 0.8, 0.95, 0.98]
 RULE_BATCHES = (1, 8, 16)
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
 CSR_BATCHES = (1, 8, 16)
-VARIANT_BATCHES = (1, 8, 16)
+VARIANT_BATCHES = (1, 2, 4, 8, 16)
 REBUILD_BATCHES = (16, 32, 64, 128)
 
 
@@ -106,9 +107,11 @@ def run(quick: bool, shapes=None, batches=None, dtypes=None, sparsities=None, cs
                     if c is not None and t in CSR_BATCHES:
                         csr_us = timing(lambda: se.csr_linear(x, c, dense_fallback=False))
                     extra = {}
-                    if kernel and t in VARIANT_BATCHES:  # every staging variant of the kernel (the same sums)
+                    if kernel and t in VARIANT_BATCHES:  # each kernel variant asked for, checked, then timed
                         for v in _variants():
+                            extra[f"v{v}_err"] = _rel(kernel(x, bm, v), dense_fn())
                             extra[f"v{v}_us"] = timing(lambda v=v: kernel(x, bm, v))
+                            extra[f"v{v}_vs_dense"] = dense_us / extra[f"v{v}_us"]
                     if kernel and t in REBUILD_BATCHES:  # the dense fallback: rebuild the weight, then F.linear
                         extra["rebuild_us"] = timing(lambda: F.linear(x, B.densify(bm)))
                     el = x.element_size()
@@ -137,9 +140,9 @@ def _kernel():
 
 
 def _variants():
-    """Every staging variant with SE_BITMAP_BULK=1, else the default one (ops/bitmap/cuda.py: VARIANT)."""
+    """The default variant, or those SE_BITMAP_VARIANTS names (ops/bitmap/cuda.py: requested_variants)."""
     from sparsity_engine.ops.bitmap import cuda as bcuda
-    return bcuda.VARIANTS if os.environ.get("SE_BITMAP_BULK") == "1" else (bcuda.VARIANT,)
+    return bcuda.requested_variants()
 
 
 def host_overhead(reps: int = 400) -> dict:
@@ -155,12 +158,15 @@ def host_overhead(reps: int = 400) -> dict:
         lin.weight[torch.rand_like(lin.weight, dtype=torch.float32) < 0.5] = 0
     layer = BitmapLinear.from_linear(lin)
     x = torch.randn(1, 1024, device="cuda").to(torch.bfloat16)
+    x3 = x.view(1, 1, 1024)
     bm = layer.bitmap
     calls = {
         "bitmap_layer_eager": lambda: layer(x),
+        "bitmap_layer_eager_3d": lambda: layer(x3),
         "bitmap_op_dispatcher": lambda: torch.ops.sparsity_engine.bitmap_linear(
             x, bm.masks, bm.offsets, bm.values, None, 1024, 1024, bm.max_group),
         "dense_linear_eager": lambda: lin(x),
+        "dense_linear_eager_3d": lambda: lin(x3),
     }
     out = {}
     with torch.no_grad():
@@ -178,6 +184,9 @@ def host_overhead(reps: int = 400) -> dict:
                 torch.cuda.synchronize()
                 best = dt if best is None else min(best, dt)
             out[name + "_us"] = best
+    # our own overhead: the layer's host time beyond nn.Linear's (issue 20: < 5 us)
+    out["layer_minus_linear_us"] = out["bitmap_layer_eager_us"] - out["dense_linear_eager_us"]
+    out["layer_minus_linear_3d_us"] = out["bitmap_layer_eager_3d_us"] - out["dense_linear_eager_3d_us"]
     return out
 
 
@@ -217,6 +226,7 @@ def main(argv=None):
     parser.add_argument("--sparsities", help="comma-separated fractions")
     parser.add_argument("--dtypes", help="comma-separated: bfloat16, float16")
     parser.add_argument("--name", default="bitmap_linear", help="report name (results/<name>.json)")
+    parser.add_argument("--host", action="store_true", help="time the host side of eager calls (default name: on)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     batches = [int(v) for v in args.batches.split(",")] if args.batches else None
@@ -227,13 +237,13 @@ def main(argv=None):
                  name=args.name)
     for r in report.rows:
         r["neg_bytes"] = -r["bytes_ratio"]
-    overhead = host_overhead() if args.name == "bitmap_linear" else {}
+    overhead = host_overhead() if args.name == "bitmap_linear" or args.host else {}
     if overhead:
         report.env["host_overhead"] = overhead
         print("host overhead per eager call (us):", {k: round(v, 2) for k, v in overhead.items()}, flush=True)
     summarize(report)
     report.print_table(["shape", "dtype", "sparsity", "batch", "dense_us", "ours_us", "auto_us", "csr_us", "v0_us",
-                        "v1_us", "v2_us", "rebuild_us", "floor_us", "vs_dense", "auto_vs_dense", "csr_vs_dense", "eff",
+                        "v1_us", "v2_us", "v3_us", "rebuild_us", "floor_us", "vs_dense", "auto_vs_dense", "csr_vs_dense", "eff",
                         "bytes_ratio", "rel_err"])
     print("saved", *report.save(), flush=True)
 

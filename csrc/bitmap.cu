@@ -409,6 +409,181 @@ bitmap_linear_bulk_kernel(const uint32_t* __restrict__ masks, const int32_t* __r
   reduce_and_store<T, NT>(smem + kBarBytes, acc, bias, y, N, tokens, tok0, ksplit);
 }
 
+// ---- variant 3: CUDA cores, work per nonzero (1..4 tokens a pass). Same warp work split and cp.async ring as
+// variant 0, but no tensor cores: a lane owns one mask word (tile i of a quad of 4 tiles, row-pair g) and walks its
+// set bits (find the highest, clear it), one packed value (the previous one in shared memory: a lane's values are
+// consecutive)
+// and one activation per set bit, fp32 multiply-add into row g (bit 1 of the bit index clear) or row g + 8 (set).
+// The warp's activations for its group sit in shared memory as fp32 in bit order: tile k's 32 slots hold, at the
+// slot of each h = 0 bit b (bit 1 clear), the activation of b's column (b and b | 2 share a column); odd tiles use
+// the bit-1-set slots instead, so even and odd tiles fall in different banks. Lane partials are added over the 4
+// tiles of a quad by shuffles and over the warps that split a band through shared memory in a fixed order.
+constexpr int kGemvTokens = 4;               // tokens per pass at most
+constexpr int kGemvXFloats = kGroupTiles * 32;  // activation slots per token per warp (1 KB)
+
+// Activations of group `gi` (128 columns) into `xs` (per token kGemvXFloats slots): lane l takes columns
+// col0 + 4l .. +3, which are bits 8t + {0, 1, 4, 5} of tile 2(l / 8) + l % 2 with t = (l % 8) / 2.
+template <typename T, int TT, bool VEC>
+__device__ __forceinline__ void gemv_load_x(const T* __restrict__ x, int64_t K, int64_t tokens, int64_t tok0,
+                                            int64_t gi, int lane, float (&xr)[TT][4]) {
+  const int64_t col = gi * (kGroupTiles * 16) + 4 * lane;
+#pragma unroll
+  for (int n = 0; n < TT; ++n) {
+    const int64_t tok = tok0 + n;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) xr[n][e] = 0.f;
+    if (tok >= tokens) continue;
+    const T* row = x + tok * K;
+    if constexpr (VEC) {  // K % 8 == 0: col < K means the 4 columns are inside
+      if (col < K) {
+        const uint2 u = __ldg(reinterpret_cast<const uint2*>(row + col));
+        const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) xr[n][e] = to_f(h[e]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (col + e < K) xr[n][e] = to_f(row[col + e]);
+    }
+  }
+}
+
+__device__ __forceinline__ float lds_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
+  return v;
+}
+
+template <int TT>
+__device__ __forceinline__ void gemv_store_x(float* xs, int lane, const float (&xr)[TT][4]) {
+  const int slot = (2 * (lane >> 3) + (lane & 1)) * 32 + 8 * ((lane & 7) >> 1) + 2 * (lane & 1);
+#pragma unroll
+  for (int n = 0; n < TT; ++n) {
+    *reinterpret_cast<float2*>(xs + n * kGemvXFloats + slot) = make_float2(xr[n][0], xr[n][1]);
+    *reinterpret_cast<float2*>(xs + n * kGemvXFloats + slot + 4) = make_float2(xr[n][2], xr[n][3]);
+  }
+}
+
+// acc[n][h] += row g + 8h of the group's tiles times token n, for the 4 tiles lane / 8 (+ 4) of the staged group.
+template <typename T, int TT>
+__device__ __forceinline__ void gemv_group(const unsigned char* buf, const float* xs, int lane,
+                                           float (&acc)[TT][2]) {
+  const uint32_t* sm = reinterpret_cast<const uint32_t*>(buf);
+  const int32_t* so = reinterpret_cast<const int32_t*>(buf + kMaskBytes);
+  const int vbase = so[0];
+  const uint16_t* sv = reinterpret_cast<const uint16_t*>(buf + kHeadBytes) + (vbase & 7);
+  const int g = lane & 7, tl = lane >> 3;
+  const uint32_t sw = static_cast<uint32_t>(tl & 1) << 1;  // odd tiles: the bit-1-set slots
+#pragma unroll
+  for (int qd = 0; qd < 2; ++qd) {
+    const int i = 4 * qd + tl;
+    const uint32_t w = sm[i * 8 + g];
+    const int c = __popc(w);
+    int inc = c;  // inclusive scan of the popcounts over the row-pairs of the tile (8 lanes)
+#pragma unroll
+    for (int d = 1; d < 8; d <<= 1) {
+      const int u = __shfl_up_sync(0xffffffffu, inc, d);
+      if (g >= d) inc += u;
+    }
+    // the highest set bit first, so the values are taken from the last one down
+    const uint16_t* p = sv + (so[i] - vbase) + inc;
+    const uint32_t xt = smem_addr(xs + i * 32 + sw);  // shared-space byte address: one LEA per activation
+    uint32_t m = w;
+    while (m) {
+      const uint32_t b = 31u - static_cast<uint32_t>(__clz(m));
+      m ^= 1u << b;
+      uint16_t raw = *--p;
+      const float v = to_f(*reinterpret_cast<const T*>(&raw));
+      const uint32_t xa = xt + ((b & ~2u) << 2);
+#pragma unroll
+      for (int n = 0; n < TT; ++n) {
+        const float xv = lds_f32(xa + n * kGemvXFloats * 4);
+        if (b & 2u) acc[n][1] = fmaf(v, xv, acc[n][1]);
+        else acc[n][0] = fmaf(v, xv, acc[n][0]);
+      }
+    }
+  }
+}
+
+template <typename T, int TT, bool VEC>
+__global__ void __launch_bounds__(kThreads, 3)
+bitmap_gemv_kernel(const uint32_t* __restrict__ masks, const int32_t* __restrict__ offsets,
+                   const uint16_t* __restrict__ values, const T* __restrict__ x, const T* __restrict__ bias,
+                   T* __restrict__ y, int64_t N, int64_t K, int64_t tokens, int64_t nbands, int64_t ktiles,
+                   int ksplit, int stage_bytes) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const WarpWork ww = warp_work(nbands, ktiles, ksplit);
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * TT;
+  const int vbytes = stage_bytes - kHeadBytes;
+  float* xs = reinterpret_cast<float*>(smem) + static_cast<size_t>(warp) * TT * kGemvXFloats;
+  unsigned char* ring = smem + static_cast<size_t>(kWarps) * TT * kGemvXFloats * 4 +
+                        static_cast<size_t>(warp) * kStages * stage_bytes;
+
+  float acc[TT][2] = {};
+
+  if (ww.ga < ww.gb) {
+    GroupStarts starts{offsets, ww.band * ktiles, ktiles / kGroupTiles};
+    const auto* gm = reinterpret_cast<const unsigned char*>(masks);
+    const auto* go = reinterpret_cast<const unsigned char*>(offsets);
+    const auto* gv = reinterpret_cast<const unsigned char*>(values);
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (ww.ga + s < ww.gb) issue_group(ring + s * stage_bytes, gm, go, gv, starts, ww.ga + s, vbytes, lane);
+      else cp_async_commit();
+    }
+    float xr[TT][4];
+    gemv_load_x<T, TT, VEC>(x, K, tokens, tok0, ww.ga, lane, xr);
+    int st = 0;
+    for (int64_t gi = ww.ga; gi < ww.gb; ++gi) {
+      cp_async_wait<kStages - 2>();
+      __syncwarp();  // group gi's copies are visible; every lane is done with group gi - 1 and its activations
+      {
+        const int64_t next = gi + kStages - 1;
+        const int nst = st == 0 ? kStages - 1 : st - 1;
+        if (next < ww.gb) issue_group(ring + nst * stage_bytes, gm, go, gv, starts, next, vbytes, lane);
+        else cp_async_commit();
+      }
+      gemv_store_x<TT>(xs, lane, xr);
+      __syncwarp();
+      if (gi + 1 < ww.gb) gemv_load_x<T, TT, VEC>(x, K, tokens, tok0, gi + 1, lane, xr);
+      gemv_group<T, TT>(ring + st * stage_bytes, xs, lane, acc);
+      st = st == kStages - 1 ? 0 : st + 1;
+    }
+  }
+  cp_async_wait<0>();
+  // rows g and g + 8 of the band: add the 4 tiles' lanes (lane g, g + 8, g + 16, g + 24)
+#pragma unroll
+  for (int n = 0; n < TT; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      acc[n][h] += __shfl_xor_sync(0xffffffffu, acc[n][h], 8);
+      acc[n][h] += __shfl_xor_sync(0xffffffffu, acc[n][h], 16);
+    }
+  __syncthreads();  // every warp is done with its ring and activations: reuse the front for the partial sums
+  float* red = reinterpret_cast<float*>(smem);  // [warp][token][16 rows]
+  if (lane < 8) {
+#pragma unroll
+    for (int n = 0; n < TT; ++n) {
+      red[(warp * TT + n) * 16 + lane] = acc[n][0];
+      red[(warp * TT + n) * 16 + lane + 8] = acc[n][1];
+    }
+  }
+  __syncthreads();
+  const int bands_per_block = kWarps / ksplit;
+  for (int o = threadIdx.x; o < bands_per_block * TT * 16; o += kThreads) {
+    const int r = o & 15, n = (o >> 4) % TT, bl = o / (TT * 16);
+    const int64_t row = (static_cast<int64_t>(blockIdx.x) * bands_per_block + bl) * 16 + r;
+    const int64_t tok = tok0 + n;
+    if (row >= N || tok >= tokens) continue;
+    float sum = 0.f;
+    for (int wv = bl * ksplit; wv < (bl + 1) * ksplit; ++wv) sum += red[(wv * TT + n) * 16 + r];
+    if (bias != nullptr) sum += to_f(bias[row]);
+    y[tok * N + row] = from_f<T>(sum);
+  }
+}
+
 // Dense W [N, K] from the bitmap: one warp per pair of tiles; lane (g, t) decodes its elements of both tiles
 // and writes columns 8t .. 8t+7 of the pair in rows g and g+8 of the band.
 template <typename T>
@@ -490,12 +665,15 @@ int stage_bytes_for(int64_t max_group) {
   return kHeadBytes + static_cast<int>(se::ceil_div(2 * max_group + 32, 16) * 16);
 }
 
+int gemv_tokens_for(int64_t tokens) { return tokens <= 1 ? 1 : tokens <= 2 ? 2 : kGemvTokens; }
+
 // Shared memory per block of variant v (0: cp.async ring of 3 stages; 1: bulk copies, 3 stages; 2: bulk
-// copies, 2 stages).
-int64_t smem_for(int variant, int nt, int64_t max_group) {
+// copies, 2 stages; 3: CUDA cores, the ring of 0 plus the activations) for `tokens` tokens.
+int64_t smem_for(int variant, int64_t tokens, int64_t max_group) {
   const int stages = variant == 2 ? 2 : 3;
   int64_t smem = static_cast<int64_t>(kWarps) * stages * stage_bytes_for(max_group);
-  const int64_t red = static_cast<int64_t>(kWarps) * nt * 32 * 16;
+  if (variant == 3) return smem + static_cast<int64_t>(kWarps) * gemv_tokens_for(tokens) * kGemvXFloats * 4;
+  const int64_t red = static_cast<int64_t>(kWarps) * nt_for_tokens(tokens) * 32 * 16;
   if (smem < red) smem = red;
   return variant == 0 ? smem : smem + kBarBytes;
 }
@@ -522,7 +700,7 @@ void launch(int variant, const uint32_t* masks, const int32_t* offsets, const ui
   const Geometry geo = geometry(N, K);
   const int ksplit = ksplit_for(geo.ngroups);
   const int stage = stage_bytes_for(max_group);
-  const size_t smem = static_cast<size_t>(smem_for(variant, NT, max_group));
+  const size_t smem = static_cast<size_t>(smem_for(variant, tokens, max_group));
   const int bands_per_block = kWarps / ksplit;
   const dim3 grid(static_cast<unsigned>(se::ceil_div(geo.nbands, bands_per_block)),
                   static_cast<unsigned>(se::ceil_div(tokens, 8 * NT)));
@@ -539,10 +717,33 @@ void launch(int variant, const uint32_t* masks, const int32_t* offsets, const ui
   }
 }
 
+template <typename T, int TT, bool VEC>
+void launch_gemv(const uint32_t* masks, const int32_t* offsets, const uint16_t* values, const T* x, const T* bias,
+                 T* y, int64_t N, int64_t K, int64_t tokens, int64_t max_group, cudaStream_t stream) {
+  const Geometry geo = geometry(N, K);
+  const int ksplit = ksplit_for(geo.ngroups);
+  const int stage = stage_bytes_for(max_group);
+  const size_t smem = static_cast<size_t>(smem_for(3, tokens, max_group));
+  const int bands_per_block = kWarps / ksplit;
+  const dim3 grid(static_cast<unsigned>(se::ceil_div(geo.nbands, bands_per_block)),
+                  static_cast<unsigned>(se::ceil_div(tokens, TT)));
+  static size_t set3[64] = {};
+  launch_kernel(bitmap_gemv_kernel<T, TT, VEC>, smem, set3, grid, stream, masks, offsets, values, x, bias, y, N, K,
+                tokens, geo.nbands, geo.ktiles, ksplit, stage);
+}
+
 template <typename T, bool VEC>
 void launch_nt(int variant, int nt, const uint32_t* masks, const int32_t* offsets, const uint16_t* values,
                const T* x, const T* bias, T* y, int64_t N, int64_t K, int64_t tokens, int64_t max_group,
                cudaStream_t stream) {
+  if (variant == 3) {
+    switch (gemv_tokens_for(tokens)) {
+      case 1: launch_gemv<T, 1, VEC>(masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
+      case 2: launch_gemv<T, 2, VEC>(masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
+      default: launch_gemv<T, kGemvTokens, VEC>(masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream);
+    }
+    return;
+  }
   switch (nt) {
     case 1: launch<T, 1, VEC>(variant, masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
     case 2: launch<T, 2, VEC>(variant, masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
@@ -566,22 +767,23 @@ void launch_dtype(int variant, bool vec, int nt, const uint32_t* masks, const in
 // Shared memory bytes per block that bitmap_linear uses for this problem (for reports and tests).
 int64_t bitmap_smem_bytes(int64_t tokens, int64_t max_group, int variant) {
   SE_REQUIRE(tokens > 0 && max_group >= 0, "tokens must be positive and max_group non-negative");
-  SE_REQUIRE(variant >= 0 && variant <= 2, "variant must be 0, 1 or 2");
-  return smem_for(variant, nt_for_tokens(tokens), max_group);
+  SE_REQUIRE(variant >= 0 && variant <= 3, "variant must be 0, 1, 2 or 3");
+  return smem_for(variant, tokens, max_group);
 }
 
 // y [tokens, N] = x [tokens, K] @ W^T (+ bias [N]) for a bitmap weight (masks int32 [nbands, ktiles, 8], offsets
 // int32 [nbands * ktiles + 1], values [>= ceil8(nnz)] all 16-byte aligned; the arrays validated by the caller);
 // max_group: the most values in one group of 8 tiles (sizes the shared-memory stages); vec_x: K % 8 == 0 and x
 // 16-byte aligned (16-byte activation loads); bias 0 for none; variant: how groups are staged (0: cp.async
-// ring, 1: bulk copies with 3 stages, 2: bulk copies with 2 stages and more blocks per SM).
+// ring, 1: bulk copies with 3 stages, 2: bulk copies with 2 stages and more blocks per SM; 3: CUDA cores, work per
+// nonzero, 4 tokens a pass).
 void bitmap_linear(uintptr_t masks, uintptr_t offsets, uintptr_t values, uintptr_t x, uintptr_t bias, uintptr_t y,
                    int64_t N, int64_t K, int64_t tokens, int64_t max_group, int dtype, int vec_x, int variant,
                    uintptr_t stream) {
   if (N <= 0 || tokens <= 0) return;
   SE_REQUIRE(K > 0, "K must be positive");
   SE_REQUIRE(max_group >= 0 && max_group <= kGroupTiles * 256, "max_group must be in [0, 2048]");
-  SE_REQUIRE(variant >= 0 && variant <= 2, "variant must be 0, 1 or 2");
+  SE_REQUIRE(variant >= 0 && variant <= 3, "variant must be 0, 1, 2 or 3");
   SE_REQUIRE(masks % 16 == 0 && offsets % 16 == 0 && values % 16 == 0, "masks, offsets and values must be 16-byte aligned");
   SE_REQUIRE(!vec_x || (x % 16 == 0 && K % 8 == 0), "vec_x needs x 16-byte aligned and K a multiple of 8");
   const int nt = nt_for_tokens(tokens);

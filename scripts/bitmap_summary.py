@@ -1,7 +1,35 @@
-"""Compact summary of benchmarks/bench_bitmap.py's JSON: per shape and sparsity, dense us and the ratios."""
+"""Compact summary of benchmarks/bench_bitmap.py's JSON: per shape and sparsity, dense us and the ratios.
+
+    python3 scripts/bitmap_summary.py results/bitmap_linear.json             # the format-rule table
+    python3 scripts/bitmap_summary.py results/bitmap2.json --variants        # kernel variants vs dense, per batch
+"""
 import json
 import sys
 
+
+def variants_table(report: dict) -> None:
+    """Per shape, sparsity and batch: dense us, then each variant's us and ratio to dense (and CSR's), worst error."""
+    rows = report["rows"]
+    names = sorted({key[1:-3] for r in rows for key in r if key.startswith("v") and key.endswith("_us")}, key=int)
+    print("shape sp batch dense_us | " + " | ".join(f"v{v} us (x dense)" for v in names) + " | csr us (x dense) | max err")
+    for r in rows:
+        cells = []
+        for v in names:
+            us = r.get(f"v{v}_us")
+            cells.append("-" if us is None else f"{us:.1f} ({r['dense_us'] / us:.2f})")
+        csr = "-" if r.get("csr_us") is None else f"{r['csr_us']:.1f} ({r['dense_us'] / r['csr_us']:.2f})"
+        errs = [r[f"v{v}_err"] for v in names if r.get(f"v{v}_err") is not None]
+        err = f"{max(errs):.1e}" if errs else "-"
+        print(f"{r['shape']} {r['sparsity']:.2f} {r['batch']} {r['dense_us']:.1f} | " + " | ".join(cells)
+              + f" | {csr} | {err}")
+    host = report.get("env", {}).get("host_overhead")
+    if host:
+        print("host us per eager call:", {k: round(v, 2) for k, v in host.items()})
+
+
+if len(sys.argv) > 2 and sys.argv[2] == "--variants":
+    variants_table(json.load(open(sys.argv[1])))
+    sys.exit(0)
 rows = json.load(open(sys.argv[1]))["rows"]
 keys = sorted({(r["shape"], r["dtype"], round(r["sparsity"], 2)) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
 print("shape dtype sp | b1: dense ours v0 v1 v2 csr (x dense: auto csr) | b8 auto csr | b16 auto csr | b32 ours rebuild | b64 ours rebuild | b128 ours rebuild (us)")

@@ -13,7 +13,9 @@
 # in full on the GPU, then every `-m cuda` test of the other files), jobs7b (bench_prune_job --sizes 7b --ref
 # --eval), jobs13b, jobs70b (--sizes 13b / 70b), bitmap (per-layer bench with the format rule, then the decode
 # bench), bitmap-bulk (the bitmap kernel's bulk-copy variants 1 and 2: tests and timings, never run on a GPU
-# yet), ncu-bitmap (one bitmap kernel under Nsight Compute: SE_NCU="SPARSITY VARIANT"), merge
+# yet), bitmap2 (~4 min after ext: the bitmap kernel's variants 0 and 3 (CUDA cores, work per nonzero) tested
+# against the reference, then timed against cuBLAS and CSR at the 7B/70B shapes, 50/70/90%, 1-16 tokens, and the
+# host time of eager layer calls; a table of us and ratios per variant), ncu-bitmap (one bitmap kernel under Nsight Compute: SE_NCU="SPARSITY VARIANT"), merge
 # (bench_merge_job --blocks $SE_BLOCKS, default 8; mergekit-yaml from wheels carried in .whl: here, before the
 # call, `echo /.whl/ >> .git/info/exclude` and `python3 -m pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
@@ -79,12 +81,20 @@ for s in "$@"; do
       run_step "bench_decode" 90 "$R/bench_decode.log" python3 benchmarks/bench_decode.py --formats auto,bitmap
       show "$R/bench_decode.log" "^\| (dense|auto|csr|bitmap)" 12 | cut -c1-170 ;;
     bitmap-bulk)
-      run_step "bitmap bulk-copy variants" 60 "$R/bulk.log" env SE_BITMAP_BULK=1 bash -c "python3 -m pytest -q \
+      run_step "bitmap bulk-copy variants" 60 "$R/bulk.log" env SE_BITMAP_VARIANTS=0,1,2 bash -c "python3 -m pytest -q \
         -p no:cacheprovider -x -m cuda tests/test_bitmap.py -k 'matches_reference and 257' && python3 \
         benchmarks/bench_bitmap.py --name bitmap_variants --no-csr --shapes 4096x11008,11008x4096,28672x8192 \
         --batches 1,8,16"
       show "$R/bulk.log" "passed|failed|Error" 3
       [ -f "$R/bitmap_variants.json" ] && python3 scripts/bitmap_summary.py "$R/bitmap_variants.json" | cut -c1-80 ;;
+    bitmap2)
+      # shellcheck disable=SC2086
+      run_step "bitmap2 tests (variants 0 and 3)" 150 "$R/bitmap2_tests.log" env SE_BITMAP_VARIANTS=0,3 python3 -m \
+        pytest -q -p no:cacheprovider $XDIST -rfE -m cuda tests/test_bitmap.py tests/test_sparse_linear.py
+      show "$R/bitmap2_tests.log" "^(FAILED|ERROR)|passed|failed" 12
+      run_step "bitmap2 bench" 150 "$R/bitmap2.log" env SE_BITMAP_VARIANTS=0,3 python3 benchmarks/bench_bitmap.py \
+        --name bitmap2 --batches 1,2,4,8,16 --host
+      [ -f "$R/bitmap2.json" ] && python3 scripts/bitmap_summary.py "$R/bitmap2.json" --variants | cut -c1-160 ;;
     ncu-bitmap)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       # shellcheck disable=SC2086

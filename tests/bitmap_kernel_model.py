@@ -123,3 +123,69 @@ def kernel_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, va
                 ln, comp, nn = 4 * (r & 7) + ((tk & 7) >> 1), 2 * (r >> 3) + (tk & 1), tk >> 3
                 y[tk, row] = total[nn, ln, comp]
     return y
+
+
+def gemv_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, n: int, k: int,
+               ksplit: int = 2, tt: int = 4) -> torch.Tensor:
+    """y [tokens, n] in float64, computed as csrc/bitmap.cu's CUDA-core kernel (variant 3) does, lane by lane.
+
+    Per group: the activations stored by each lane into the bit-order slots (odd tiles on the bit-1-set slots), the
+    staged values (from element ``start & ~7``), each lane's word, its segmented scan over the 8 row-pairs of its
+    tile, its set bits from the highest down taking values from the last one down, the slot each bit reads, the
+    row (bit 1) it adds into; then the shuffle sums over the 4 tiles and the fixed-order sum over the warps.
+    """
+    tokens = x.shape[0]
+    nbands, ktiles = masks.shape[0], masks.shape[1]
+    ngroups = ktiles // 8
+    m32 = [[[_u32(int(w)) for w in tile] for tile in band] for band in masks.tolist()]
+    offs = [int(v) for v in offsets.tolist()]
+    vals = values.double().tolist()
+    xd = x.double().tolist()
+    y = torch.zeros(tokens, n, dtype=torch.float64)
+    for tok0 in range(0, tokens, tt):
+        for band in range(nbands):
+            red = []  # per warp of the band: [token][16 rows]
+            for part in range(ksplit):
+                ga, gb = part * ngroups // ksplit, (part + 1) * ngroups // ksplit
+                acc = [[[0.0, 0.0] for _ in range(tt)] for _ in range(32)]  # [lane][token][h]
+                for gi in range(ga, gb):
+                    xs = [[None] * 256 for _ in range(tt)]
+                    for lane in range(32):  # gemv_load_x + gemv_store_x
+                        col = gi * 128 + 4 * lane
+                        slot = (2 * (lane >> 3) + (lane & 1)) * 32 + 8 * ((lane & 7) >> 1) + 2 * (lane & 1)
+                        for nn in range(tt):
+                            tok = tok0 + nn
+                            xr = [xd[tok][col + e] if tok < tokens and col + e < k else 0.0 for e in range(4)]
+                            xs[nn][slot], xs[nn][slot + 1], xs[nn][slot + 4], xs[nn][slot + 5] = xr
+                    tile0 = band * ktiles + gi * 8
+                    vbase = offs[tile0]
+                    stage = vals[vbase & ~7:]
+                    sv0 = vbase & 7
+                    for qd in range(2):
+                        words = [m32[band][gi * 8 + 4 * qd + (lane >> 3)][lane & 7] for lane in range(32)]
+                        for lane in range(32):
+                            g, tl = lane & 7, lane >> 3
+                            i = 4 * qd + tl
+                            w = words[lane]
+                            inc = sum(_popc(words[8 * tl + gg]) for gg in range(g + 1))  # the shuffle scan
+                            p = sv0 + (offs[tile0 + i] - vbase) + inc
+                            xt = i * 32 + ((tl & 1) << 1)
+                            m = w
+                            while m:
+                                b = m.bit_length() - 1
+                                m ^= 1 << b
+                                p -= 1
+                                v = stage[p]
+                                for nn in range(tt):
+                                    xv = xs[nn][xt + (b & ~2)]
+                                    assert xv is not None, "an activation slot read before it was written"
+                                    acc[lane][nn][1 if b & 2 else 0] += v * xv
+                red.append([[sum(acc[g + 8 * q][nn][h] for q in range(4)) for h in range(2) for g in range(8)]
+                            for nn in range(tt)])
+            for nn in range(tt):
+                tok = tok0 + nn
+                for r in range(16):
+                    row = band * 16 + r
+                    if row < n and tok < tokens:
+                        y[tok, row] = sum(red[wv][nn][r] for wv in range(ksplit))
+    return y

@@ -1,7 +1,6 @@
 """The bitmap format and bitmap_linear: exact round trips and reference on the CPU, a lane-by-lane model of the
 CUDA kernel's index arithmetic on the CPU, rejection of corrupt arrays, and the CUDA kernels against the
 reference on a GPU (edge sizes, 1..64 tokens, fp16/bf16, 0..100% sparsity, poisoned outputs)."""
-import os
 
 import pytest
 import torch
@@ -237,6 +236,22 @@ def test_kernel_index_model_matches_dense(n, k, tokens, sparsity, ksplit):
     assert torch.allclose(y, ref, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("n, k, tokens, sparsity, ksplit", [
+    (37, 300, 5, 0.6, 2), (16, 128, 1, 0.0, 1), (1, 129, 2, 0.5, 1), (17, 264, 3, 0.9, 2), (33, 130, 1, 1.0, 1),
+    (20, 520, 4, 0.3, 4),
+])
+def test_gemv_index_model_matches_dense(n, k, tokens, sparsity, ksplit):
+    """The CUDA-core kernel's (variant 3) activation slots, scan, bit walk and sums, modelled lane by lane."""
+    from bitmap_kernel_model import gemv_model
+
+    w = pruned(n, k, sparsity, torch.bfloat16)
+    bm = B.to_bitmap(w)
+    x = torch.randn(tokens, k).to(torch.bfloat16)
+    y = gemv_model(x, bm.masks, bm.offsets, bm.values, n, k, ksplit=ksplit, tt=4 if tokens > 2 else tokens)
+    ref = x.double() @ w.double().t()
+    assert torch.allclose(y, ref, rtol=1e-12, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 def _cuda_ok():
     from sparsity_engine._dispatch import backend_reasons
@@ -244,29 +259,30 @@ def _cuda_ok():
 
 
 def _variants():
-    """The default staging variant; every variant with SE_BITMAP_BULK=1 (the bulk-copy ones are new on GPUs)."""
+    """The default variant, or those named by SE_BITMAP_VARIANTS (ops/bitmap/cuda.py: requested_variants)."""
     from sparsity_engine.ops.bitmap import cuda as bcuda
 
-    return bcuda.VARIANTS if os.environ.get("SE_BITMAP_BULK") == "1" else (bcuda.VARIANT,)
+    return bcuda.requested_variants()
 
 
-def _check_kernel(w, x, bias, what, bm=None):
-    """The kernel (each staging variant asked for) against fp64 and against the masked dense F.linear (cuBLAS)."""
+def _check_kernel(w, x, bias, what, bm=None, variants=None):
+    """The kernel (each variant asked for) against fp64 and against the masked dense F.linear (cuBLAS)."""
     from sparsity_engine.ops.bitmap import cuda as bcuda
 
     bm = bm if bm is not None else B.to_bitmap(w)
     ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     dense = F.linear(x, w, bias)  # the masked dense model (cuBLAS)
     first = None
-    for variant in _variants():
+    for variant in variants or _variants():
         out = poison_like(torch.empty(x.shape[0], w.shape[0], dtype=w.dtype, device=w.device))
         y = bcuda.linear(x, bm.masks, bm.offsets, bm.values, bias, w.shape[0], w.shape[1], bm.max_group, out=out,
                          variant=variant)
         assert torch.isfinite(y).all(), f"{what} variant {variant}: unwritten or non-finite outputs"
-        if first is None:
-            first = y
-        else:  # the variants only stage differently: same sums in the same order
-            assert torch.equal(y, first), f"{what}: variant {variant} differs from the first one"
+        if variant in bcuda.STAGING_VARIANTS:
+            if first is None:
+                first = y
+            else:  # the staging variants only stage differently: same sums in the same order
+                assert torch.equal(y, first), f"{what}: variant {variant} differs from the first one"
         if ref.norm() == 0:
             assert torch.equal(y, torch.zeros_like(y)), f"{what}: nonzero output for an all-zero product"
             continue
@@ -274,6 +290,53 @@ def _check_kernel(w, x, bias, what, bm=None):
         # fp32 accumulation in both; only the order of the sums and the final rounding differ
         assert err <= max(2 * dense_err, 1e-3) and err <= RTOL[w.dtype], \
             f"{what} variant {variant}: rel err {err:.2e} (dense {dense_err:.2e})"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 129), (17, 128), (17, 300), (40, 129), (257, 2056), (1000, 1000), (96, 4099)])
+def test_cuda_gemv_variant_matches_reference(dtype, shape):
+    """Variant 3 (CUDA cores, work per nonzero) against fp64 and cuBLAS: edge sizes, 0..100% sparsity, 1..33
+    tokens (4 a pass), bias or not, poisoned outputs."""
+    if not _cuda_ok():
+        pytest.skip("the CUDA extension is unavailable")
+    gen = torch.Generator(device="cuda").manual_seed(torch.randint(0, 2**31, ()).item())
+    n, k = shape
+    for sparsity in (0.0, 0.5, 0.9, 1.0):
+        w = pruned(n, k, sparsity, dtype, "cuda", gen)
+        bm = B.to_bitmap(w)
+        for tokens in (1, 2, 3, 4, 5, 8, 17, 32, 33):
+            x = torch.randn(tokens, k, device="cuda", generator=gen).to(dtype)
+            bias = torch.randn(n, device="cuda", generator=gen).to(dtype) if tokens % 2 else None
+            _check_kernel(w, x, bias, f"{shape} {dtype} sparsity {sparsity} tokens {tokens}", bm, variants=(3,))
+
+
+@pytest.mark.cuda
+def test_cuda_gemv_variant_misaligned_x_and_large_k():
+    if not _cuda_ok():
+        pytest.skip("the CUDA extension is unavailable")
+    gen = torch.Generator(device="cuda").manual_seed(torch.randint(0, 2**31, ()).item())
+    for dtype in DTYPES:
+        w = pruned(512, 11008, 0.7, dtype, "cuda", gen)
+        buf = torch.randn(3 * 11008 + 1, device="cuda", generator=gen).to(dtype)
+        x = buf[1:].view(3, 11008)  # 2 bytes off 16-byte alignment: the element-wise activation loads
+        _check_kernel(w, x, None, "misaligned x", variants=(3,))
+        _check_kernel(w, x[:1].contiguous(), None, "aligned x, 1 token", variants=(3,))
+
+
+def test_requested_variants(monkeypatch):
+    from sparsity_engine.ops.bitmap import cuda as bcuda
+
+    monkeypatch.delenv("SE_BITMAP_VARIANTS", raising=False)
+    assert bcuda.requested_variants() == (bcuda.VARIANT,)
+    monkeypatch.setenv("SE_BITMAP_VARIANTS", "0,3")
+    assert bcuda.requested_variants() == (0, 3)
+    monkeypatch.setenv("SE_BITMAP_VARIANTS", "all")
+    assert bcuda.requested_variants() == bcuda.VARIANTS
+    for bad in ("7", "x", "0,"):
+        monkeypatch.setenv("SE_BITMAP_VARIANTS", bad)
+        with pytest.raises(ValueError, match="SE_BITMAP_VARIANTS"):
+            bcuda.requested_variants()
 
 
 @pytest.mark.cuda

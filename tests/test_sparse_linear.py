@@ -168,6 +168,29 @@ def test_gpu_layer_matches_masked_dense(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpu_eager_lean_path_matches_masked_dense(bias):
+    """The eager launch path (contiguous CUDA x, 1..MAX_TOKENS tokens) and the general one around it: 2-D and 3-D
+    inputs, a non-contiguous one, more than MAX_TOKENS tokens; wrong inputs still raise."""
+    if not _cuda_ok():
+        pytest.skip("the CUDA extension is unavailable")
+    dtype = torch.bfloat16
+    lin, layer = bitmap_layer(200, 136, 0.6, dtype, bias=bias, device="cuda")
+    b = None if lin.bias is None else lin.bias.double()
+    for shape in ((1, 136), (1, 1, 136), (2, 3, 136), (B.MAX_TOKENS, 136), (3, B.MAX_TOKENS, 136)):
+        x = torch.randn(*shape, device="cuda").to(dtype)
+        assert_rel_close(layer(x), F.linear(x.double(), lin.weight.double(), b), RTOL[dtype], f"shape {shape}")
+    x = torch.randn(136, 4, device="cuda").to(dtype).t()  # non-contiguous
+    assert_rel_close(layer(x), F.linear(x.double(), lin.weight.double(), b), RTOL[dtype], "non-contiguous x")
+    with pytest.raises(TypeError, match="weight dtype"):
+        layer(torch.randn(1, 136, device="cuda"))
+    with pytest.raises(ValueError, match="in_features=136"):
+        layer(torch.randn(1, 135, device="cuda").to(dtype))
+    with pytest.raises(ValueError, match="is on"):
+        layer(torch.randn(1, 136).to(dtype))
+
+
+@pytest.mark.cuda
 def test_gpu_cuda_graph_capture():
     if not _cuda_ok():
         pytest.skip("the CUDA extension is unavailable")

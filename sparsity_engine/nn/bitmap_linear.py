@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .._validate import check_tensor
-from ..ops.bitmap import OP, BitmapMatrix, linear_arrays, to_bitmap
+from ..ops.bitmap import MAX_TOKENS, OP, BitmapMatrix, linear_arrays, to_bitmap
+from ..ops.bitmap import _cuda_module as _cuda
 from ..ops.bitmap.format import DTYPES, _KEYS as _BITMAP_KEYS
 
 try:
@@ -29,7 +30,9 @@ class BitmapLinear(nn.Module):
 
     The forward calls ``torch.ops.sparsity_engine.bitmap_linear`` when torch.compile traces it (a registered op
     with a fake implementation: no graph break) and the same implementation directly in eager mode (no
-    dispatcher overhead); neither synchronises with the host, so CUDA graphs capture it.
+    dispatcher overhead; a contiguous CUDA input of 1..MAX_TOKENS tokens goes straight to the kernel launch,
+    ``ops.bitmap.cuda.linear_nd``: no reshapes, one allocation); neither synchronises with the host, so CUDA
+    graphs capture it.
     """
 
     def __init__(self, bm: BitmapMatrix, bias: Optional[torch.Tensor] = None):
@@ -71,7 +74,16 @@ class BitmapLinear(nn.Module):
         return densify(self.bitmap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = self.values
+        buffers = self._buffers  # one dict instead of nn.Module.__getattr__ per buffer
+        values = buffers["values"]
+        if x.is_cuda and not _compiling():  # eager decode: the lean path when everything already fits
+            k = self.in_features
+            if (x.dtype == values.dtype and k > 0 and x.shape[-1] == k and self.out_features > 0
+                    and x.get_device() == values.get_device() and x.is_contiguous()):
+                tokens = x.numel() // k
+                if 0 < tokens <= MAX_TOKENS:
+                    return _cuda().linear_nd(x, buffers["masks"], buffers["offsets"], values, self.bias,
+                                             self.out_features, k, self.max_group, tokens)
         if x.dtype != values.dtype:
             raise TypeError(f"x must have the weight dtype {values.dtype}, got {x.dtype}")
         if x.shape[-1] != self.in_features:

@@ -7,12 +7,13 @@ graph.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
 
 from ..._dispatch import register
-from ..._ext import dtype_code, load_extension, stream_ptr
+from ..._ext import dtype_code, load_extension, raw_stream, stream_ptr
 from .format import DTYPES, BitmapMatrix
 
 
@@ -27,14 +28,33 @@ def bitmap_linear(x2: torch.Tensor, bm: BitmapMatrix, bias: Optional[torch.Tenso
     return linear(x2, bm.masks, bm.offsets, bm.values, bias, bm.shape[0], bm.shape[1], bm.max_group)
 
 
-#: How the kernel stages a group of 8 tiles in shared memory: 0 = cp.async, 16 bytes a lane, 3 stages (the one
-#: measured on a GPU, BENCHMARKS.md); 1 = the bulk-copy engine (cp.async.bulk completing on an mbarrier), 3
-#: stages; 2 = bulk copies, 2 stages, 4 blocks per SM at 1..8 tokens. All three compute the same sums in the
-#: same order. Variants 1 and 2 have not run on a GPU yet: the tests and benchmarks include them only with
-#: SE_BITMAP_BULK=1 (scripts/gpu_session.sh bitmap-bulk), so 0 stays the default until
-#: they are measured.
+#: Which kernel runs: 0 = tensor cores, each group of 8 tiles staged by cp.async, 16 bytes a lane, 3 stages (the
+#: one measured on a GPU, BENCHMARKS.md); 1 = the bulk-copy engine (cp.async.bulk completing on an mbarrier), 3
+#: stages; 2 = bulk copies, 2 stages, 4 blocks per SM at 1..8 tokens (0, 1 and 2 compute the same sums in the same
+#: order); 3 = CUDA cores, work per nonzero (a lane walks the set bits of its mask word: one value, one activation
+#: and one fp32 multiply-add per nonzero), 1..4 tokens a pass, for decode. Tests and benchmarks run the default
+#: one, or those named by SE_BITMAP_VARIANTS (see :func:`requested_variants`), so 0 stays the default until the
+#: others are measured.
 VARIANT = 0
-VARIANTS = (0, 1, 2)
+VARIANTS = (0, 1, 2, 3)
+STAGING_VARIANTS = (0, 1, 2)  # the same kernel, staged differently: bit-identical outputs
+
+
+def requested_variants() -> tuple:
+    """The variants tests and benchmarks run: $SE_BITMAP_VARIANTS ('all' or a comma list such as '0,3'), else only
+    the default :data:`VARIANT`."""
+    spec = os.environ.get("SE_BITMAP_VARIANTS", "").strip()
+    if not spec:
+        return (VARIANT,)
+    if spec == "all":
+        return VARIANTS
+    try:
+        chosen = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        chosen = ()
+    if not chosen or any(v not in VARIANTS for v in chosen):
+        raise ValueError(f"SE_BITMAP_VARIANTS must be 'all' or a comma list of {VARIANTS}, got {spec!r}")
+    return chosen
 
 
 def linear(x2: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
@@ -56,6 +76,23 @@ def linear(x2: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values:
     return y
 
 
+def linear_nd(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
+              bias: Optional[torch.Tensor], n: int, k: int, max_group: int, tokens: int) -> torch.Tensor:
+    """y [..., n] = x [..., k] @ W^T (+ bias) by the kernel, for BitmapLinear's eager calls: x contiguous, on the
+    weight's device and dtype, ``tokens`` = x.numel() // k >= 1 rows (all checked by the caller). No reshapes and
+    no second look at the arrays: one allocation and one launch (host time per call is what decode pays)."""
+    ext = load_extension()
+    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
+    ptr = x.data_ptr()
+    ext.bitmap_linear(masks.data_ptr(), offsets.data_ptr(), values.data_ptr(), ptr,
+                      0 if bias is None else bias.data_ptr(), y.data_ptr(), n, k, tokens, max_group,
+                      _CODES[x.dtype], int(k % 8 == 0 and ptr % 16 == 0), VARIANT, raw_stream(x.get_device()))
+    return y
+
+
+_CODES = {dt: dtype_code(dt) for dt in DTYPES}
+
+
 def to_dense(bm: BitmapMatrix, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense weight [N, K] by one kernel (every element written; sync-free, so graph-capturable)."""
     return dense_from_arrays(bm.masks, bm.offsets, bm.values, bm.shape[0], bm.shape[1], out)
@@ -75,4 +112,5 @@ def smem_bytes(tokens: int, max_group: int, variant: Optional[int] = None) -> in
     return int(load_extension().bitmap_smem_bytes(tokens, max_group, VARIANT if variant is None else variant))
 
 
-__all__ = ["bitmap_linear", "linear", "to_dense", "dense_from_arrays", "smem_bytes", "VARIANT", "VARIANTS"]
+__all__ = ["bitmap_linear", "linear", "linear_nd", "to_dense", "dense_from_arrays", "smem_bytes", "requested_variants", "VARIANT",
+           "VARIANTS", "STAGING_VARIANTS"]
