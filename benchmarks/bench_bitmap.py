@@ -9,8 +9,8 @@ Per point, same inputs:
 * ours_us   -- the bitmap CUDA kernel itself (csrc/bitmap.cu), at every token count;
 * auto_us   -- ``bitmap_linear`` as shipped (above ops.bitmap.MAX_TOKENS tokens: dense rebuilt + F.linear);
 * csr_us    -- ``csr_linear`` with its sparse kernels (dense_fallback=False) at 1, 8 and 16 tokens;
-* v0_us .. v3_us -- each kernel variant (ops/bitmap/cuda.py: VARIANT; 3 = CUDA cores, work per nonzero) at 1, 2,
-  4, 8, 16 tokens: the default one only, or those SE_BITMAP_VARIANTS names ('0,3', 'all');
+* v0_us .. v4_us -- each kernel variant (ops/bitmap/cuda.py: VARIANT; 3, 4 = CUDA cores, work per nonzero) at 1,
+  2, 4, 8, 16 tokens: the default one only, or those SE_BITMAP_VARIANTS names ('0,3', 'all');
 * rebuild_us -- the dense fallback (bitmap -> dense kernel, then F.linear) at 16 .. 128 tokens (MAX_TOKENS);
 * floor_us  -- bitmap bytes (masks + offsets + values) + activations + output at the copy bandwidth measured in
   this run; eff = floor_us / ours_us; bytes_ratio = bitmap bytes / dense bytes.
@@ -243,7 +243,7 @@ def main(argv=None):
         print("host overhead per eager call (us):", {k: round(v, 2) for k, v in overhead.items()}, flush=True)
     summarize(report)
     report.print_table(["shape", "dtype", "sparsity", "batch", "dense_us", "ours_us", "auto_us", "csr_us", "v0_us",
-                        "v1_us", "v2_us", "v3_us", "rebuild_us", "floor_us", "vs_dense", "auto_vs_dense", "csr_vs_dense", "eff",
+                        "v1_us", "v2_us", "v3_us", "v4_us", "rebuild_us", "floor_us", "vs_dense", "auto_vs_dense", "csr_vs_dense", "eff",
                         "bytes_ratio", "rel_err"])
     print("saved", *report.save(), flush=True)
 

@@ -23,6 +23,8 @@
 // Partial sums of the warps that split a band are added in a fixed order through shared memory (deterministic),
 // the bias added and the result converted to T: one launch, no atomics, no workspace.
 #include <cstdint>
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -410,19 +412,19 @@ bitmap_linear_bulk_kernel(const uint32_t* __restrict__ masks, const int32_t* __r
 }
 
 // ---- variant 3: CUDA cores, work per nonzero (1..4 tokens a pass). Same warp work split and cp.async ring as
-// variant 0, but no tensor cores: a lane owns one mask word (tile i of a quad of 4 tiles, row-pair g) and walks its
-// set bits (find the highest, clear it), one packed value (the previous one in shared memory: a lane's values are
-// consecutive)
-// and one activation per set bit, fp32 multiply-add into row g (bit 1 of the bit index clear) or row g + 8 (set).
-// The warp's activations for its group sit in shared memory as fp32 in bit order: tile k's 32 slots hold, at the
-// slot of each h = 0 bit b (bit 1 clear), the activation of b's column (b and b | 2 share a column); odd tiles use
-// the bit-1-set slots instead, so even and odd tiles fall in different banks. Lane partials are added over the 4
-// tiles of a quad by shuffles and over the warps that split a band through shared memory in a fixed order.
-constexpr int kGemvTokens = 4;               // tokens per pass at most
+// variant 0, but no tensor cores: a lane owns two mask words of each group (row-pair g = lane % 8 of tiles
+// lane / 8 and lane / 8 + 4) and walks their set bits, word by word (find the highest, clear it): per set bit one
+// packed value (the previous one in shared memory: a lane's values of a word are consecutive, taken from the last
+// one down), one activation per token and an fp32 multiply-add into row g (bit 1 of the bit index clear) or row
+// g + 8 (set). The warp's activations for its group sit in shared memory as fp32 in bit order, 32 slots per tile:
+// slot b holds the activation of bit b's column (b and b ^ 2 share one), so the address is base + 4b. Lane
+// partials are added over the 4 tiles of a quad by shuffles and over the warps that split a band through shared
+// memory in a fixed order.
+constexpr int kGemvTokens = 4;                  // tokens per pass at most
 constexpr int kGemvXFloats = kGroupTiles * 32;  // activation slots per token per warp (1 KB)
 
-// Activations of group `gi` (128 columns) into `xs` (per token kGemvXFloats slots): lane l takes columns
-// col0 + 4l .. +3, which are bits 8t + {0, 1, 4, 5} of tile 2(l / 8) + l % 2 with t = (l % 8) / 2.
+// Activations of group `gi` (128 columns) for tokens tok0 .. tok0 + TT: lane l takes columns col0 + 4l .. +3
+// (zeros past K or past the last token).
 template <typename T, int TT, bool VEC>
 __device__ __forceinline__ void gemv_load_x(const T* __restrict__ x, int64_t K, int64_t tokens, int64_t tok0,
                                             int64_t gi, int lane, float (&xr)[TT][4]) {
@@ -449,24 +451,35 @@ __device__ __forceinline__ void gemv_load_x(const T* __restrict__ x, int64_t K, 
   }
 }
 
+// Lane l's 4 columns (c = 32P + 8t + 4s + 2q + e with P = l / 8, t = (l % 8) / 2, s = l % 2) are those of bits
+// 8t + 4q + 2h + e of tile 2P + s: slots 8t .. 8t + 7 of that tile hold x0 x1 x0 x1 x2 x3 x2 x3.
+template <int TT>
+__device__ __forceinline__ void gemv_store_x(float* xs, int lane, const float (&xr)[TT][4]) {
+  const int slot = (2 * (lane >> 3) + (lane & 1)) * 32 + 8 * ((lane & 7) >> 1);
+#pragma unroll
+  for (int n = 0; n < TT; ++n) {
+    float4* d = reinterpret_cast<float4*>(xs + n * kGemvXFloats + slot);
+    d[0] = make_float4(xr[n][0], xr[n][1], xr[n][0], xr[n][1]);
+    d[1] = make_float4(xr[n][2], xr[n][3], xr[n][2], xr[n][3]);
+  }
+}
+
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
   return v;
 }
-
-template <int TT>
-__device__ __forceinline__ void gemv_store_x(float* xs, int lane, const float (&xr)[TT][4]) {
-  const int slot = (2 * (lane >> 3) + (lane & 1)) * 32 + 8 * ((lane & 7) >> 1) + 2 * (lane & 1);
-#pragma unroll
-  for (int n = 0; n < TT; ++n) {
-    *reinterpret_cast<float2*>(xs + n * kGemvXFloats + slot) = make_float2(xr[n][0], xr[n][1]);
-    *reinterpret_cast<float2*>(xs + n * kGemvXFloats + slot + 4) = make_float2(xr[n][2], xr[n][3]);
-  }
+__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
 }
 
-// acc[n][h] += row g + 8h of the group's tiles times token n, for the 4 tiles lane / 8 (+ 4) of the staged group.
-template <typename T, int TT>
+// acc[n][h] += row g + 8h of tiles lane / 8 and lane / 8 + 4 of the staged group times token n. (One loop over
+// both words, switching word inside it, measured no better in instructions: the switch costs a branch per bit.)
+// PAIRS (variant 4): a lane reads its values as aligned 32-bit pairs, one shared load per two values (every other
+// bit reuses the pair already loaded), trading two ALU instructions per value for half the shared loads.
+template <typename T, int TT, bool PAIRS>
 __device__ __forceinline__ void gemv_group(const unsigned char* buf, const float* xs, int lane,
                                            float (&acc)[TT][2]) {
   const uint32_t* sm = reinterpret_cast<const uint32_t*>(buf);
@@ -474,39 +487,63 @@ __device__ __forceinline__ void gemv_group(const unsigned char* buf, const float
   const int vbase = so[0];
   const uint16_t* sv = reinterpret_cast<const uint16_t*>(buf + kHeadBytes) + (vbase & 7);
   const int g = lane & 7, tl = lane >> 3;
-  const uint32_t sw = static_cast<uint32_t>(tl & 1) << 1;  // odd tiles: the bit-1-set slots
 #pragma unroll
   for (int qd = 0; qd < 2; ++qd) {
     const int i = 4 * qd + tl;
     const uint32_t w = sm[i * 8 + g];
-    const int c = __popc(w);
-    int inc = c;  // inclusive scan of the popcounts over the row-pairs of the tile (8 lanes)
+    int inc = __popc(w);  // inclusive scan of the popcounts over the row-pairs of the tile (8 lanes)
 #pragma unroll
     for (int d = 1; d < 8; d <<= 1) {
       const int u = __shfl_up_sync(0xffffffffu, inc, d);
       if (g >= d) inc += u;
     }
-    // the highest set bit first, so the values are taken from the last one down
-    const uint16_t* p = sv + (so[i] - vbase) + inc;
-    const uint32_t xt = smem_addr(xs + i * 32 + sw);  // shared-space byte address: one LEA per activation
+    const int last = (so[i] - vbase) + inc;         // one past the lane's last value, from sv
+    const uint32_t xt = smem_addr(xs + i * 32);     // shared-space byte address of the tile's slots
     uint32_t m = w;
-    while (m) {
-      const uint32_t b = 31u - static_cast<uint32_t>(__clz(m));
-      m ^= 1u << b;
-      uint16_t raw = *--p;
-      const float v = to_f(*reinterpret_cast<const T*>(&raw));
-      const uint32_t xa = xt + ((b & ~2u) << 2);
+    if constexpr (PAIRS) {
+      // byte address of the lane's value j in shared memory, from one past the last value down
+      uint32_t a = smem_addr(sv + last);
+      uint32_t pair = m ? lds_u32((a - 2u) & ~3u) : 0u;  // the pair holding the last value
+      while (m) {
+        const uint32_t b = 31u - static_cast<uint32_t>(__clz(m));
+        m ^= 1u << b;
+        a -= 2u;
+        if (a & 2u) pair = lds_u32(a & ~3u);  // the high half: a new pair (the low one was loaded with it)
+        float v;
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) {  // the half into the high bits: the fp32 value
+          v = __uint_as_float(__byte_perm(pair, 0u, (a & 2u) ? 0x3244u : 0x1044u));
+        } else {
+          uint16_t raw = static_cast<uint16_t>(__byte_perm(pair, 0u, (a & 2u) ? 0x4432u : 0x4410u));
+          v = to_f(*reinterpret_cast<const T*>(&raw));
+        }
+        const uint32_t xa = xt + 4 * b;
 #pragma unroll
-      for (int n = 0; n < TT; ++n) {
-        const float xv = lds_f32(xa + n * kGemvXFloats * 4);
-        if (b & 2u) acc[n][1] = fmaf(v, xv, acc[n][1]);
-        else acc[n][0] = fmaf(v, xv, acc[n][0]);
+        for (int n = 0; n < TT; ++n) {
+          const float xv = lds_f32(xa + n * kGemvXFloats * 4);
+          if (b & 2u) acc[n][1] = fmaf(v, xv, acc[n][1]);
+          else acc[n][0] = fmaf(v, xv, acc[n][0]);
+        }
+      }
+    } else {
+      const uint16_t* p = sv + last;
+      while (m) {
+        const uint32_t b = 31u - static_cast<uint32_t>(__clz(m));
+        m ^= 1u << b;
+        uint16_t raw = *--p;
+        const float v = to_f(*reinterpret_cast<const T*>(&raw));
+        const uint32_t xa = xt + 4 * b;
+#pragma unroll
+        for (int n = 0; n < TT; ++n) {
+          const float xv = lds_f32(xa + n * kGemvXFloats * 4);
+          if (b & 2u) acc[n][1] = fmaf(v, xv, acc[n][1]);
+          else acc[n][0] = fmaf(v, xv, acc[n][0]);
+        }
       }
     }
   }
 }
 
-template <typename T, int TT, bool VEC>
+template <typename T, int TT, bool VEC, bool PAIRS>
 __global__ void __launch_bounds__(kThreads, 3)
 bitmap_gemv_kernel(const uint32_t* __restrict__ masks, const int32_t* __restrict__ offsets,
                    const uint16_t* __restrict__ values, const T* __restrict__ x, const T* __restrict__ bias,
@@ -548,7 +585,7 @@ bitmap_gemv_kernel(const uint32_t* __restrict__ masks, const int32_t* __restrict
       gemv_store_x<TT>(xs, lane, xr);
       __syncwarp();
       if (gi + 1 < ww.gb) gemv_load_x<T, TT, VEC>(x, K, tokens, tok0, gi + 1, lane, xr);
-      gemv_group<T, TT>(ring + st * stage_bytes, xs, lane, acc);
+      gemv_group<T, TT, PAIRS>(ring + st * stage_bytes, xs, lane, acc);
       st = st == kStages - 1 ? 0 : st + 1;
     }
   }
@@ -668,11 +705,11 @@ int stage_bytes_for(int64_t max_group) {
 int gemv_tokens_for(int64_t tokens) { return tokens <= 1 ? 1 : tokens <= 2 ? 2 : kGemvTokens; }
 
 // Shared memory per block of variant v (0: cp.async ring of 3 stages; 1: bulk copies, 3 stages; 2: bulk
-// copies, 2 stages; 3: CUDA cores, the ring of 0 plus the activations) for `tokens` tokens.
+// copies, 2 stages; 3, 4: CUDA cores, the ring of 0 plus the activations) for `tokens` tokens.
 int64_t smem_for(int variant, int64_t tokens, int64_t max_group) {
   const int stages = variant == 2 ? 2 : 3;
   int64_t smem = static_cast<int64_t>(kWarps) * stages * stage_bytes_for(max_group);
-  if (variant == 3) return smem + static_cast<int64_t>(kWarps) * gemv_tokens_for(tokens) * kGemvXFloats * 4;
+  if (variant >= 3) return smem + static_cast<int64_t>(kWarps) * gemv_tokens_for(tokens) * kGemvXFloats * 4;
   const int64_t red = static_cast<int64_t>(kWarps) * nt_for_tokens(tokens) * 32 * 16;
   if (smem < red) smem = red;
   return variant == 0 ? smem : smem + kBarBytes;
@@ -718,7 +755,7 @@ void launch(int variant, const uint32_t* masks, const int32_t* offsets, const ui
 }
 
 template <typename T, int TT, bool VEC>
-void launch_gemv(const uint32_t* masks, const int32_t* offsets, const uint16_t* values, const T* x, const T* bias,
+void launch_gemv(bool pairs, const uint32_t* masks, const int32_t* offsets, const uint16_t* values, const T* x, const T* bias,
                  T* y, int64_t N, int64_t K, int64_t tokens, int64_t max_group, cudaStream_t stream) {
   const Geometry geo = geometry(N, K);
   const int ksplit = ksplit_for(geo.ngroups);
@@ -727,20 +764,27 @@ void launch_gemv(const uint32_t* masks, const int32_t* offsets, const uint16_t* 
   const int bands_per_block = kWarps / ksplit;
   const dim3 grid(static_cast<unsigned>(se::ceil_div(geo.nbands, bands_per_block)),
                   static_cast<unsigned>(se::ceil_div(tokens, TT)));
-  static size_t set3[64] = {};
-  launch_kernel(bitmap_gemv_kernel<T, TT, VEC>, smem, set3, grid, stream, masks, offsets, values, x, bias, y, N, K,
-                tokens, geo.nbands, geo.ktiles, ksplit, stage);
+  static size_t set3[64] = {}, set4[64] = {};
+  if (pairs) {
+    launch_kernel(bitmap_gemv_kernel<T, TT, VEC, true>, smem, set4, grid, stream, masks, offsets, values, x, bias, y,
+                  N, K, tokens, geo.nbands, geo.ktiles, ksplit, stage);
+  } else {
+    launch_kernel(bitmap_gemv_kernel<T, TT, VEC, false>, smem, set3, grid, stream, masks, offsets, values, x, bias, y,
+                  N, K, tokens, geo.nbands, geo.ktiles, ksplit, stage);
+  }
 }
 
 template <typename T, bool VEC>
 void launch_nt(int variant, int nt, const uint32_t* masks, const int32_t* offsets, const uint16_t* values,
                const T* x, const T* bias, T* y, int64_t N, int64_t K, int64_t tokens, int64_t max_group,
                cudaStream_t stream) {
-  if (variant == 3) {
+  if (variant >= 3) {
+    const bool pairs = variant == 4;
     switch (gemv_tokens_for(tokens)) {
-      case 1: launch_gemv<T, 1, VEC>(masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
-      case 2: launch_gemv<T, 2, VEC>(masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
-      default: launch_gemv<T, kGemvTokens, VEC>(masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream);
+      case 1: launch_gemv<T, 1, VEC>(pairs, masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
+      case 2: launch_gemv<T, 2, VEC>(pairs, masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream); break;
+      default:
+        launch_gemv<T, kGemvTokens, VEC>(pairs, masks, offsets, values, x, bias, y, N, K, tokens, max_group, stream);
     }
     return;
   }
@@ -767,7 +811,7 @@ void launch_dtype(int variant, bool vec, int nt, const uint32_t* masks, const in
 // Shared memory bytes per block that bitmap_linear uses for this problem (for reports and tests).
 int64_t bitmap_smem_bytes(int64_t tokens, int64_t max_group, int variant) {
   SE_REQUIRE(tokens > 0 && max_group >= 0, "tokens must be positive and max_group non-negative");
-  SE_REQUIRE(variant >= 0 && variant <= 3, "variant must be 0, 1, 2 or 3");
+  SE_REQUIRE(variant >= 0 && variant <= 4, "variant must be 0 .. 4");
   return smem_for(variant, tokens, max_group);
 }
 
@@ -776,14 +820,14 @@ int64_t bitmap_smem_bytes(int64_t tokens, int64_t max_group, int variant) {
 // max_group: the most values in one group of 8 tiles (sizes the shared-memory stages); vec_x: K % 8 == 0 and x
 // 16-byte aligned (16-byte activation loads); bias 0 for none; variant: how groups are staged (0: cp.async
 // ring, 1: bulk copies with 3 stages, 2: bulk copies with 2 stages and more blocks per SM; 3: CUDA cores, work per
-// nonzero, 4 tokens a pass).
+// nonzero, 4 tokens a pass; 4: 3 reading values in pairs).
 void bitmap_linear(uintptr_t masks, uintptr_t offsets, uintptr_t values, uintptr_t x, uintptr_t bias, uintptr_t y,
                    int64_t N, int64_t K, int64_t tokens, int64_t max_group, int dtype, int vec_x, int variant,
                    uintptr_t stream) {
   if (N <= 0 || tokens <= 0) return;
   SE_REQUIRE(K > 0, "K must be positive");
   SE_REQUIRE(max_group >= 0 && max_group <= kGroupTiles * 256, "max_group must be in [0, 2048]");
-  SE_REQUIRE(variant >= 0 && variant <= 3, "variant must be 0, 1, 2 or 3");
+  SE_REQUIRE(variant >= 0 && variant <= 4, "variant must be 0 .. 4");
   SE_REQUIRE(masks % 16 == 0 && offsets % 16 == 0 && values % 16 == 0, "masks, offsets and values must be 16-byte aligned");
   SE_REQUIRE(!vec_x || (x % 16 == 0 && K % 8 == 0), "vec_x needs x 16-byte aligned and K a multiple of 8");
   const int nt = nt_for_tokens(tokens);

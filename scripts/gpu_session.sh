@@ -13,7 +13,7 @@
 # in full on the GPU, then every `-m cuda` test of the other files), jobs7b (bench_prune_job --sizes 7b --ref
 # --eval), jobs13b, jobs70b (--sizes 13b / 70b), bitmap (per-layer bench with the format rule, then the decode
 # bench), bitmap-bulk (the bitmap kernel's bulk-copy variants 1 and 2: tests and timings, never run on a GPU
-# yet), bitmap2 (~4 min after ext: the bitmap kernel's variants 0 and 3 (CUDA cores, work per nonzero) tested
+# yet), bitmap2 (~4 min after ext: the bitmap kernel's variants 0, 3 and 4 (CUDA cores, work per nonzero) tested
 # against the reference, then timed against cuBLAS and CSR at the 7B/70B shapes, 50/70/90%, 1-16 tokens, and the
 # host time of eager layer calls; a table of us and ratios per variant), ncu-bitmap (one bitmap kernel under Nsight Compute: SE_NCU="SPARSITY VARIANT"), merge
 # (bench_merge_job --blocks $SE_BLOCKS, default 8; mergekit-yaml from wheels carried in .whl: here, before the
@@ -89,10 +89,10 @@ for s in "$@"; do
       [ -f "$R/bitmap_variants.json" ] && python3 scripts/bitmap_summary.py "$R/bitmap_variants.json" | cut -c1-80 ;;
     bitmap2)
       # shellcheck disable=SC2086
-      run_step "bitmap2 tests (variants 0 and 3)" 150 "$R/bitmap2_tests.log" env SE_BITMAP_VARIANTS=0,3 python3 -m \
+      run_step "bitmap2 tests (variants 0, 3, 4)" 150 "$R/bitmap2_tests.log" env SE_BITMAP_VARIANTS=0,3,4 python3 -m \
         pytest -q -p no:cacheprovider $XDIST -rfE -m cuda tests/test_bitmap.py tests/test_sparse_linear.py
       show "$R/bitmap2_tests.log" "^(FAILED|ERROR)|passed|failed" 12
-      run_step "bitmap2 bench" 150 "$R/bitmap2.log" env SE_BITMAP_VARIANTS=0,3 python3 benchmarks/bench_bitmap.py \
+      run_step "bitmap2 bench" 150 "$R/bitmap2.log" env SE_BITMAP_VARIANTS=0,3,4 python3 benchmarks/bench_bitmap.py \
         --name bitmap2 --batches 1,2,4,8,16 --host
       [ -f "$R/bitmap2.json" ] && python3 scripts/bitmap_summary.py "$R/bitmap2.json" --variants | cut -c1-160 ;;
     ncu-bitmap)

@@ -126,13 +126,14 @@ def kernel_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, va
 
 
 def gemv_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, n: int, k: int,
-               ksplit: int = 2, tt: int = 4) -> torch.Tensor:
-    """y [tokens, n] in float64, computed as csrc/bitmap.cu's CUDA-core kernel (variant 3) does, lane by lane.
+               ksplit: int = 2, tt: int = 4, pairs: bool = False) -> torch.Tensor:
+    """y [tokens, n] in float64, computed as csrc/bitmap.cu's CUDA-core kernel (variant 3; ``pairs``: 4) does.
 
-    Per group: the activations stored by each lane into the bit-order slots (odd tiles on the bit-1-set slots), the
+    Per group: the activations stored by each lane into the bit-order slots (32 per tile, slot b = bit b's column), the
     staged values (from element ``start & ~7``), each lane's word, its segmented scan over the 8 row-pairs of its
     tile, its set bits from the highest down taking values from the last one down, the slot each bit reads, the
-    row (bit 1) it adds into; then the shuffle sums over the 4 tiles and the fixed-order sum over the warps.
+    row (bit 1) it adds into (``pairs``: the value taken from the aligned pair of the stage loaded at its high half,
+    or first); then the shuffle sums over the 4 tiles and the fixed-order sum over the warps.
     """
     tokens = x.shape[0]
     nbands, ktiles = masks.shape[0], masks.shape[1]
@@ -152,11 +153,11 @@ def gemv_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, valu
                     xs = [[None] * 256 for _ in range(tt)]
                     for lane in range(32):  # gemv_load_x + gemv_store_x
                         col = gi * 128 + 4 * lane
-                        slot = (2 * (lane >> 3) + (lane & 1)) * 32 + 8 * ((lane & 7) >> 1) + 2 * (lane & 1)
+                        slot = (2 * (lane >> 3) + (lane & 1)) * 32 + 8 * ((lane & 7) >> 1)
                         for nn in range(tt):
                             tok = tok0 + nn
                             xr = [xd[tok][col + e] if tok < tokens and col + e < k else 0.0 for e in range(4)]
-                            xs[nn][slot], xs[nn][slot + 1], xs[nn][slot + 4], xs[nn][slot + 5] = xr
+                            xs[nn][slot: slot + 8] = [xr[0], xr[1], xr[0], xr[1], xr[2], xr[3], xr[2], xr[3]]
                     tile0 = band * ktiles + gi * 8
                     vbase = offs[tile0]
                     stage = vals[vbase & ~7:]
@@ -169,15 +170,21 @@ def gemv_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, valu
                             w = words[lane]
                             inc = sum(_popc(words[8 * tl + gg]) for gg in range(g + 1))  # the shuffle scan
                             p = sv0 + (offs[tile0 + i] - vbase) + inc
-                            xt = i * 32 + ((tl & 1) << 1)
+                            xt = i * 32
                             m = w
+                            pair = tuple(stage[2 * ((p - 1) >> 1): 2 * ((p - 1) >> 1) + 2]) if m else None
                             while m:
                                 b = m.bit_length() - 1
                                 m ^= 1 << b
                                 p -= 1
-                                v = stage[p]
+                                if pairs:  # p is the value's index from the 16-byte-aligned stage start
+                                    if p & 1:
+                                        pair = tuple(stage[p - 1: p + 1])
+                                    v = pair[p & 1]
+                                else:
+                                    v = stage[p]
                                 for nn in range(tt):
-                                    xv = xs[nn][xt + (b & ~2)]
+                                    xv = xs[nn][xt + b]
                                     assert xv is not None, "an activation slot read before it was written"
                                     acc[lane][nn][1 if b & 2 else 0] += v * xv
                 red.append([[sum(acc[g + 8 * q][nn][h] for q in range(4)) for h in range(2) for g in range(8)]

@@ -240,14 +240,16 @@ def test_kernel_index_model_matches_dense(n, k, tokens, sparsity, ksplit):
     (37, 300, 5, 0.6, 2), (16, 128, 1, 0.0, 1), (1, 129, 2, 0.5, 1), (17, 264, 3, 0.9, 2), (33, 130, 1, 1.0, 1),
     (20, 520, 4, 0.3, 4),
 ])
-def test_gemv_index_model_matches_dense(n, k, tokens, sparsity, ksplit):
-    """The CUDA-core kernel's (variant 3) activation slots, scan, bit walk and sums, modelled lane by lane."""
+@pytest.mark.parametrize("pairs", [False, True])
+def test_gemv_index_model_matches_dense(n, k, tokens, sparsity, ksplit, pairs):
+    """The CUDA-core kernels' (variants 3, 4) activation slots, scan, bit walk and sums, modelled lane by lane."""
     from bitmap_kernel_model import gemv_model
 
     w = pruned(n, k, sparsity, torch.bfloat16)
     bm = B.to_bitmap(w)
     x = torch.randn(tokens, k).to(torch.bfloat16)
-    y = gemv_model(x, bm.masks, bm.offsets, bm.values, n, k, ksplit=ksplit, tt=4 if tokens > 2 else tokens)
+    y = gemv_model(x, bm.masks, bm.offsets, bm.values, n, k, ksplit=ksplit, tt=4 if tokens > 2 else tokens,
+                   pairs=pairs)
     ref = x.double() @ w.double().t()
     assert torch.allclose(y, ref, rtol=1e-12, atol=1e-9)
 
@@ -272,17 +274,17 @@ def _check_kernel(w, x, bias, what, bm=None, variants=None):
     bm = bm if bm is not None else B.to_bitmap(w)
     ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     dense = F.linear(x, w, bias)  # the masked dense model (cuBLAS)
-    first = None
+    first = {}  # per family of variants that compute the same sums: the first one's output
     for variant in variants or _variants():
         out = poison_like(torch.empty(x.shape[0], w.shape[0], dtype=w.dtype, device=w.device))
         y = bcuda.linear(x, bm.masks, bm.offsets, bm.values, bias, w.shape[0], w.shape[1], bm.max_group, out=out,
                          variant=variant)
         assert torch.isfinite(y).all(), f"{what} variant {variant}: unwritten or non-finite outputs"
-        if variant in bcuda.STAGING_VARIANTS:
-            if first is None:
-                first = y
-            else:  # the staging variants only stage differently: same sums in the same order
-                assert torch.equal(y, first), f"{what}: variant {variant} differs from the first one"
+        family = next(f for f in bcuda.SAME_SUMS if variant in f)
+        if family not in first:
+            first[family] = y
+        else:  # variants of one family only stage or load differently: same sums in the same order
+            assert torch.equal(y, first[family]), f"{what}: variant {variant} differs from the first one"
         if ref.norm() == 0:
             assert torch.equal(y, torch.zeros_like(y)), f"{what}: nonzero output for an all-zero product"
             continue
@@ -296,7 +298,7 @@ def _check_kernel(w, x, bias, what, bm=None, variants=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 129), (17, 128), (17, 300), (40, 129), (257, 2056), (1000, 1000), (96, 4099)])
 def test_cuda_gemv_variant_matches_reference(dtype, shape):
-    """Variant 3 (CUDA cores, work per nonzero) against fp64 and cuBLAS: edge sizes, 0..100% sparsity, 1..33
+    """Variants 3 and 4 (CUDA cores, work per nonzero) against fp64 and cuBLAS: edge sizes, 0..100% sparsity, 1..33
     tokens (4 a pass), bias or not, poisoned outputs."""
     if not _cuda_ok():
         pytest.skip("the CUDA extension is unavailable")
@@ -308,7 +310,7 @@ def test_cuda_gemv_variant_matches_reference(dtype, shape):
         for tokens in (1, 2, 3, 4, 5, 8, 17, 32, 33):
             x = torch.randn(tokens, k, device="cuda", generator=gen).to(dtype)
             bias = torch.randn(n, device="cuda", generator=gen).to(dtype) if tokens % 2 else None
-            _check_kernel(w, x, bias, f"{shape} {dtype} sparsity {sparsity} tokens {tokens}", bm, variants=(3,))
+            _check_kernel(w, x, bias, f"{shape} {dtype} sparsity {sparsity} tokens {tokens}", bm, variants=(3, 4))
 
 
 @pytest.mark.cuda
@@ -320,8 +322,8 @@ def test_cuda_gemv_variant_misaligned_x_and_large_k():
         w = pruned(512, 11008, 0.7, dtype, "cuda", gen)
         buf = torch.randn(3 * 11008 + 1, device="cuda", generator=gen).to(dtype)
         x = buf[1:].view(3, 11008)  # 2 bytes off 16-byte alignment: the element-wise activation loads
-        _check_kernel(w, x, None, "misaligned x", variants=(3,))
-        _check_kernel(w, x[:1].contiguous(), None, "aligned x, 1 token", variants=(3,))
+        _check_kernel(w, x, None, "misaligned x", variants=(3, 4))
+        _check_kernel(w, x[:1].contiguous(), None, "aligned x, 1 token", variants=(3, 4))
 
 
 def test_requested_variants(monkeypatch):
@@ -333,6 +335,7 @@ def test_requested_variants(monkeypatch):
     assert bcuda.requested_variants() == (0, 3)
     monkeypatch.setenv("SE_BITMAP_VARIANTS", "all")
     assert bcuda.requested_variants() == bcuda.VARIANTS
+    assert sorted(v for family in bcuda.SAME_SUMS for v in family) == list(bcuda.VARIANTS)
     for bad in ("7", "x", "0,"):
         monkeypatch.setenv("SE_BITMAP_VARIANTS", bad)
         with pytest.raises(ValueError, match="SE_BITMAP_VARIANTS"):

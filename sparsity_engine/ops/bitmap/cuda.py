@@ -30,14 +30,15 @@ def bitmap_linear(x2: torch.Tensor, bm: BitmapMatrix, bias: Optional[torch.Tenso
 
 #: Which kernel runs: 0 = tensor cores, each group of 8 tiles staged by cp.async, 16 bytes a lane, 3 stages (the
 #: one measured on a GPU, BENCHMARKS.md); 1 = the bulk-copy engine (cp.async.bulk completing on an mbarrier), 3
-#: stages; 2 = bulk copies, 2 stages, 4 blocks per SM at 1..8 tokens (0, 1 and 2 compute the same sums in the same
-#: order); 3 = CUDA cores, work per nonzero (a lane walks the set bits of its mask word: one value, one activation
-#: and one fp32 multiply-add per nonzero), 1..4 tokens a pass, for decode. Tests and benchmarks run the default
-#: one, or those named by SE_BITMAP_VARIANTS (see :func:`requested_variants`), so 0 stays the default until the
-#: others are measured.
+#: stages; 2 = bulk copies, 2 stages, 4 blocks per SM at 1..8 tokens; 3 = CUDA cores, work per nonzero (a lane
+#: walks the set bits of its mask words: one value, one activation and one fp32 multiply-add per nonzero and
+#: token), 1..4 tokens a pass, for decode; 4 = 3 reading the values in aligned pairs (half the shared loads, more
+#: instructions). Tests and benchmarks run the default one, or those named by SE_BITMAP_VARIANTS (see
+#: :func:`requested_variants`), so 0 stays the default until the others are measured.
 VARIANT = 0
-VARIANTS = (0, 1, 2, 3)
-STAGING_VARIANTS = (0, 1, 2)  # the same kernel, staged differently: bit-identical outputs
+VARIANTS = (0, 1, 2, 3, 4)
+#: Variants that compute the same sums in the same order (bit-identical outputs): they differ only in staging.
+SAME_SUMS = ((0, 1, 2), (3, 4))
 
 
 def requested_variants() -> tuple:
@@ -113,4 +114,4 @@ def smem_bytes(tokens: int, max_group: int, variant: Optional[int] = None) -> in
 
 
 __all__ = ["bitmap_linear", "linear", "linear_nd", "to_dense", "dense_from_arrays", "smem_bytes", "requested_variants", "VARIANT",
-           "VARIANTS", "STAGING_VARIANTS"]
+           "VARIANTS", "SAME_SUMS"]
