@@ -326,6 +326,17 @@ def test_cuda_gemv_variant_misaligned_x_and_large_k():
         _check_kernel(w, x[:1].contiguous(), None, "aligned x, 1 token", variants=(3, 4))
 
 
+def test_pick_variant_follows_the_rule(monkeypatch):
+    from sparsity_engine.ops.bitmap import cuda as bcuda
+
+    monkeypatch.setitem(bcuda.GEMV_RULE, "max_tokens", 0)
+    assert bcuda.pick_variant(1, 100) == bcuda.VARIANT
+    monkeypatch.setitem(bcuda.GEMV_RULE, "max_tokens", 2)
+    monkeypatch.setitem(bcuda.GEMV_RULE, "max_group_density", 0.5)
+    assert bcuda.pick_variant(1, 1024) == bcuda.pick_variant(2, 10) == bcuda.GEMV_RULE["variant"]
+    assert bcuda.pick_variant(3, 10) == bcuda.pick_variant(1, 1025) == bcuda.VARIANT
+
+
 def test_requested_variants(monkeypatch):
     from sparsity_engine.ops.bitmap import cuda as bcuda
 

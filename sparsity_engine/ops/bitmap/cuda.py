@@ -41,6 +41,21 @@ VARIANTS = (0, 1, 2, 3, 4)
 SAME_SUMS = ((0, 1, 2), (3, 4))
 
 
+#: When a call without an explicit variant runs the CUDA-core kernel instead of :data:`VARIANT`: at most
+#: ``max_tokens`` tokens and a fullest group of 8 tiles at most ``max_group_density`` dense (max_group / 2048,
+#: known on the host without reading the GPU). ``max_tokens`` 0 = never: to be set from bench_bitmap.py's v3/v4
+#: columns (scripts/gpu_session.sh bitmap2) against v0's.
+GEMV_RULE = {"variant": 3, "max_tokens": 0, "max_group_density": 1.0}
+
+
+def pick_variant(tokens: int, max_group: int) -> int:
+    """The variant a call runs by default (see :data:`GEMV_RULE`)."""
+    rule = GEMV_RULE
+    if tokens <= rule["max_tokens"] and max_group <= rule["max_group_density"] * 2048:
+        return rule["variant"]
+    return VARIANT
+
+
 def requested_variants() -> tuple:
     """The variants tests and benchmarks run: $SE_BITMAP_VARIANTS ('all' or a comma list such as '0,3'), else only
     the default :data:`VARIANT`."""
@@ -64,7 +79,7 @@ def linear(x2: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values:
     """y [T, n] = x2 [T, k] @ W^T (+ bias) for any T >= 1; x2 contiguous in the weight's dtype and device.
 
     ``out`` (optional, [T, n], contiguous, x2's dtype): written in full (tests poison it first).
-    ``variant``: see :data:`VARIANT` (default).
+    ``variant``: see :data:`VARIANT` (default: :func:`pick_variant`).
     """
     ext = load_extension()
     tokens = x2.shape[0]
@@ -73,7 +88,8 @@ def linear(x2: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values:
     vec = k % 8 == 0 and ptr % 16 == 0
     ext.bitmap_linear(masks.data_ptr(), offsets.data_ptr(), values.data_ptr(), ptr,
                       0 if bias is None else bias.data_ptr(), y.data_ptr(), n, k, tokens, max_group,
-                      dtype_code(x2.dtype), int(vec), VARIANT if variant is None else variant, stream_ptr(x2))
+                      dtype_code(x2.dtype), int(vec), pick_variant(tokens, max_group) if variant is None else variant,
+                      stream_ptr(x2))
     return y
 
 
@@ -87,7 +103,8 @@ def linear_nd(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, value
     ptr = x.data_ptr()
     ext.bitmap_linear(masks.data_ptr(), offsets.data_ptr(), values.data_ptr(), ptr,
                       0 if bias is None else bias.data_ptr(), y.data_ptr(), n, k, tokens, max_group,
-                      _CODES[x.dtype], int(k % 8 == 0 and ptr % 16 == 0), VARIANT, raw_stream(x.get_device()))
+                      _CODES[x.dtype], int(k % 8 == 0 and ptr % 16 == 0), pick_variant(tokens, max_group),
+                      raw_stream(x.get_device()))
     return y
 
 
@@ -114,4 +131,5 @@ def smem_bytes(tokens: int, max_group: int, variant: Optional[int] = None) -> in
 
 
 __all__ = ["bitmap_linear", "linear", "linear_nd", "to_dense", "dense_from_arrays", "smem_bytes", "requested_variants", "VARIANT",
-           "VARIANTS", "SAME_SUMS"]
+           "VARIANTS", "SAME_SUMS", "GEMV_RULE",
+           "pick_variant"]
