@@ -272,6 +272,41 @@ __device__ __forceinline__ WarpWork warp_work(int64_t nbands, int64_t ktiles, in
   return ww;
 }
 
+// A warp's cp.async ring of kStages stages (`ring`, each `stage_bytes`) over its groups [ga, gb) of one band:
+// ring_start asks for the first kStages - 1 groups; ring_wait(gi) waits for group gi, refills the stage group
+// gi - 1 used (every lane is done with it: the __syncwarp) with group gi + kStages - 1 and advances `st` (the stage
+// of group gi on entry). One cp.async group is committed per call either way, so the wait counts stay right.
+__device__ __forceinline__ void ring_start(unsigned char* ring, int stage_bytes, GroupStarts& starts,
+                                           const void* masks, const void* offsets, const void* values, int64_t ga,
+                                           int64_t gb, int lane) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (ga + s < gb) {
+      issue_group(ring + s * stage_bytes, static_cast<const unsigned char*>(masks),
+                  static_cast<const unsigned char*>(offsets), static_cast<const unsigned char*>(values), starts,
+                  ga + s, stage_bytes - kHeadBytes, lane);
+    } else {
+      cp_async_commit();
+    }
+  }
+}
+
+__device__ __forceinline__ void ring_wait(unsigned char* ring, int stage_bytes, GroupStarts& starts,
+                                          const void* masks, const void* offsets, const void* values, int64_t gi,
+                                          int64_t gb, int st, int lane) {
+  cp_async_wait<kStages - 2>();
+  __syncwarp();  // every lane's copies of group gi are visible; every lane is done with group gi - 1
+  const int64_t next = gi + kStages - 1;
+  const int nst = st == 0 ? kStages - 1 : st - 1;
+  if (next < gb) {
+    issue_group(ring + nst * stage_bytes, static_cast<const unsigned char*>(masks),
+                static_cast<const unsigned char*>(offsets), static_cast<const unsigned char*>(values), starts, next,
+                stage_bytes - kHeadBytes, lane);
+  } else {
+    cp_async_commit();
+  }
+}
+
 // Variant 0: each warp streams its groups through a 3-stage ring with cp.async (16 bytes a lane at a time).
 template <typename T, int NT, bool VEC>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 3 : 2)  // <= 85 / 128 registers: 24 / 16 warps per SM
@@ -283,31 +318,16 @@ bitmap_linear_kernel(const uint32_t* __restrict__ masks, const int32_t* __restri
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const WarpWork ww = warp_work(nbands, ktiles, ksplit);
   const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * 8 * NT;
-  const int vbytes = stage_bytes - kHeadBytes;
-  unsigned char* ring = smem + static_cast<size_t>(warp) * kStages * stage_bytes;
 
   float acc[NT][4] = {};
 
   if (ww.ga < ww.gb) {
+    unsigned char* ring = smem + static_cast<size_t>(warp) * kStages * stage_bytes;
     GroupStarts starts{offsets, ww.band * ktiles, ktiles / kGroupTiles};
-    const auto* gm = reinterpret_cast<const unsigned char*>(masks);
-    const auto* go = reinterpret_cast<const unsigned char*>(offsets);
-    const auto* gv = reinterpret_cast<const unsigned char*>(values);
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (ww.ga + s < ww.gb) issue_group(ring + s * stage_bytes, gm, go, gv, starts, ww.ga + s, vbytes, lane);
-      else cp_async_commit();
-    }
-    int st = 0;  // stage of group gi; the stage before it (mod kStages) is the one refilled now
+    ring_start(ring, stage_bytes, starts, masks, offsets, values, ww.ga, ww.gb, lane);
+    int st = 0;  // stage of group gi
     for (int64_t gi = ww.ga; gi < ww.gb; ++gi) {
-      cp_async_wait<kStages - 2>();
-      __syncwarp();  // every lane's copies of group gi are visible; every lane is done with group gi - 1
-      {
-        const int64_t next = gi + kStages - 1;
-        const int nst = st == 0 ? kStages - 1 : st - 1;
-        if (next < ww.gb) issue_group(ring + nst * stage_bytes, gm, go, gv, starts, next, vbytes, lane);
-        else cp_async_commit();
-      }
+      ring_wait(ring, stage_bytes, starts, masks, offsets, values, gi, ww.gb, st, lane);
       process_group<T, NT, VEC>(ring + st * stage_bytes, x, K, tokens, tok0, gi, lane, acc);
       st = st == kStages - 1 ? 0 : st + 1;
     }
@@ -475,6 +495,17 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
   return v;
 }
 
+// One nonzero of bit b with value v: acc[n][bit 1 of b] += v * (token n's activation in slot b, at byte xa).
+template <int TT>
+__device__ __forceinline__ void gemv_fma(float (&acc)[TT][2], float v, uint32_t xa, uint32_t b) {
+#pragma unroll
+  for (int n = 0; n < TT; ++n) {
+    const float xv = lds_f32(xa + n * kGemvXFloats * 4);
+    if (b & 2u) acc[n][1] = fmaf(v, xv, acc[n][1]);
+    else acc[n][0] = fmaf(v, xv, acc[n][0]);
+  }
+}
+
 // acc[n][h] += row g + 8h of tiles lane / 8 and lane / 8 + 4 of the staged group times token n. (One loop over
 // both words, switching word inside it, measured no better in instructions: the switch costs a branch per bit.)
 // PAIRS (variant 4): a lane reads its values as aligned 32-bit pairs, one shared load per two values (every other
@@ -516,13 +547,7 @@ __device__ __forceinline__ void gemv_group(const unsigned char* buf, const float
           uint16_t raw = static_cast<uint16_t>(__byte_perm(pair, 0u, (a & 2u) ? 0x4432u : 0x4410u));
           v = to_f(*reinterpret_cast<const T*>(&raw));
         }
-        const uint32_t xa = xt + 4 * b;
-#pragma unroll
-        for (int n = 0; n < TT; ++n) {
-          const float xv = lds_f32(xa + n * kGemvXFloats * 4);
-          if (b & 2u) acc[n][1] = fmaf(v, xv, acc[n][1]);
-          else acc[n][0] = fmaf(v, xv, acc[n][0]);
-        }
+        gemv_fma<TT>(acc, v, xt + 4 * b, b);
       }
     } else {
       const uint16_t* p = sv + last;
@@ -531,13 +556,7 @@ __device__ __forceinline__ void gemv_group(const unsigned char* buf, const float
         m ^= 1u << b;
         uint16_t raw = *--p;
         const float v = to_f(*reinterpret_cast<const T*>(&raw));
-        const uint32_t xa = xt + 4 * b;
-#pragma unroll
-        for (int n = 0; n < TT; ++n) {
-          const float xv = lds_f32(xa + n * kGemvXFloats * 4);
-          if (b & 2u) acc[n][1] = fmaf(v, xv, acc[n][1]);
-          else acc[n][0] = fmaf(v, xv, acc[n][0]);
-        }
+        gemv_fma<TT>(acc, v, xt + 4 * b, b);
       }
     }
   }
@@ -553,36 +572,21 @@ bitmap_gemv_kernel(const uint32_t* __restrict__ masks, const int32_t* __restrict
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const WarpWork ww = warp_work(nbands, ktiles, ksplit);
   const int64_t tok0 = static_cast<int64_t>(blockIdx.y) * TT;
-  const int vbytes = stage_bytes - kHeadBytes;
   float* xs = reinterpret_cast<float*>(smem) + static_cast<size_t>(warp) * TT * kGemvXFloats;
-  unsigned char* ring = smem + static_cast<size_t>(kWarps) * TT * kGemvXFloats * 4 +
-                        static_cast<size_t>(warp) * kStages * stage_bytes;
 
   float acc[TT][2] = {};
 
   if (ww.ga < ww.gb) {
+    unsigned char* ring = smem + static_cast<size_t>(kWarps) * TT * kGemvXFloats * 4 +
+                          static_cast<size_t>(warp) * kStages * stage_bytes;
     GroupStarts starts{offsets, ww.band * ktiles, ktiles / kGroupTiles};
-    const auto* gm = reinterpret_cast<const unsigned char*>(masks);
-    const auto* go = reinterpret_cast<const unsigned char*>(offsets);
-    const auto* gv = reinterpret_cast<const unsigned char*>(values);
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (ww.ga + s < ww.gb) issue_group(ring + s * stage_bytes, gm, go, gv, starts, ww.ga + s, vbytes, lane);
-      else cp_async_commit();
-    }
+    ring_start(ring, stage_bytes, starts, masks, offsets, values, ww.ga, ww.gb, lane);
     float xr[TT][4];
     gemv_load_x<T, TT, VEC>(x, K, tokens, tok0, ww.ga, lane, xr);
-    int st = 0;
+    int st = 0;  // stage of group gi
     for (int64_t gi = ww.ga; gi < ww.gb; ++gi) {
-      cp_async_wait<kStages - 2>();
-      __syncwarp();  // group gi's copies are visible; every lane is done with group gi - 1 and its activations
-      {
-        const int64_t next = gi + kStages - 1;
-        const int nst = st == 0 ? kStages - 1 : st - 1;
-        if (next < ww.gb) issue_group(ring + nst * stage_bytes, gm, go, gv, starts, next, vbytes, lane);
-        else cp_async_commit();
-      }
-      gemv_store_x<TT>(xs, lane, xr);
+      ring_wait(ring, stage_bytes, starts, masks, offsets, values, gi, ww.gb, st, lane);  // also: every lane is
+      gemv_store_x<TT>(xs, lane, xr);                                                    // done with x of gi - 1
       __syncwarp();
       if (gi + 1 < ww.gb) gemv_load_x<T, TT, VEC>(x, K, tokens, tok0, gi + 1, lane, xr);
       gemv_group<T, TT, PAIRS>(ring + st * stage_bytes, xs, lane, acc);

@@ -29,17 +29,20 @@ def _byte_perm(x: int, y: int, s: int) -> int:
     return out
 
 
+def _unpack(x, masks, offsets, values, n):
+    """tokens, nbands, ktiles, ngroups, mask words (unsigned), offsets, values (float) as lists, y zeros."""
+    nbands, ktiles = masks.shape[0], masks.shape[1]
+    m32 = [[[_u32(int(w)) for w in tile] for tile in band] for band in masks.tolist()]
+    y = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    return (x.shape[0], nbands, ktiles, ktiles // 8, m32, [int(v) for v in offsets.tolist()],
+            values.double().tolist(), y)
+
+
 def kernel_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, n: int,
                  k: int, ksplit: int = 2) -> torch.Tensor:
     """y [tokens, n] in float64, computed as the kernel does (one pass of 8 tokens per n-tile)."""
-    tokens = x.shape[0]
-    nbands, ktiles = masks.shape[0], masks.shape[1]
-    ngroups = ktiles // 8
-    m32 = [[[_u32(int(w)) for w in tile] for tile in band] for band in masks.tolist()]
-    offs = [int(v) for v in offsets.tolist()]
-    vals = values.double().tolist()
+    tokens, nbands, ktiles, ngroups, m32, offs, vals, y = _unpack(x, masks, offsets, values, n)
     xd = x.double()
-    y = torch.zeros(tokens, n, dtype=torch.float64)
     nt = (tokens + 7) // 8
     for band in range(nbands):
         parts = []
@@ -135,14 +138,8 @@ def gemv_model(x: torch.Tensor, masks: torch.Tensor, offsets: torch.Tensor, valu
     row (bit 1) it adds into (``pairs``: the value taken from the aligned pair of the stage loaded at its high half,
     or first); then the shuffle sums over the 4 tiles and the fixed-order sum over the warps.
     """
-    tokens = x.shape[0]
-    nbands, ktiles = masks.shape[0], masks.shape[1]
-    ngroups = ktiles // 8
-    m32 = [[[_u32(int(w)) for w in tile] for tile in band] for band in masks.tolist()]
-    offs = [int(v) for v in offsets.tolist()]
-    vals = values.double().tolist()
+    tokens, nbands, ktiles, ngroups, m32, offs, vals, y = _unpack(x, masks, offsets, values, n)
     xd = x.double().tolist()
-    y = torch.zeros(tokens, n, dtype=torch.float64)
     for tok0 in range(0, tokens, tt):
         for band in range(nbands):
             red = []  # per warp of the band: [token][16 rows]
