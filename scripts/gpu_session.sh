@@ -5,7 +5,7 @@
 # short still brings back what finished. It is the one script for the lent machines: steps fit together into
 # calls of <= 10 minutes (BENCHMARKS.md says which steps produced which tables).
 #
-#   bash scripts/gpu_session.sh ext tests jobs7b               # ~7.5 min on an H200
+#   bash scripts/gpu_session.sh ext tests jobs7b               # ~8 min on an H100
 #   bash scripts/gpu_session.sh merge bitmap benches           # ~8.5 min (merge needs the wheels below in .whl)
 #   bash scripts/gpu_session.sh jobs70b                        # ~1.7 min;  jobs13b ~2.8 min
 #
@@ -61,11 +61,11 @@ for s in "$@"; do
       tail -2 "$R/ext.log" ;;
     tests)
       # shellcheck disable=SC2086
-      run_step "tests core files" 170 "$R/tests_core.log" python3 -m pytest -q -p no:cacheprovider $XDIST -rfE $CORE_FILES
+      run_step "tests core files" 240 "$R/tests_core.log" python3 -m pytest -q -p no:cacheprovider $XDIST -rfE $CORE_FILES
       show "$R/tests_core.log" "^(FAILED|ERROR)|passed|failed"
       ign=""; for f in $CORE_FILES; do ign="$ign --ignore=$f"; done
       # shellcheck disable=SC2086
-      run_step "tests -m cuda" 200 "$R/tests_cuda.log" python3 -m pytest -q -p no:cacheprovider $XDIST -rfE -m cuda tests/ $ign
+      run_step "tests -m cuda" 150 "$R/tests_cuda.log" python3 -m pytest -q -p no:cacheprovider $XDIST -rfE -m cuda tests/ $ign
       show "$R/tests_cuda.log" "^(FAILED|ERROR)|passed|failed" ;;
     jobs7b|jobs13b|jobs70b)
       extra=""; [ "$s" = jobs7b ] && extra="--ref --eval"
