@@ -408,8 +408,9 @@ class _Plan:
         self.nblocks = triton.cdiv(self.n, TB)
         N = self.N
         # weights [N], keep densities [N], ones [N]: fp32, one copy to the device
-        params = torch.tensor(list(weights) + list(dens if dens is not None else [1.0] * N) + [1.0] * N,
-                              dtype=torch.float32).to(self.device)
+        host = torch.tensor(list(weights) + list(dens if dens is not None else [1.0] * N) + [1.0] * N,
+                            dtype=torch.float32)
+        params = masks.to_device(host, self.device)
         self.weights, self.dens, self.ones = params[:N], params[N:2 * N], params[2 * N:]
         self.flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.edges = None   # int32 [2, 2N]: (K, J) of edge 2i + j of model i (j = 0: band start, 1: end)
@@ -543,8 +544,8 @@ def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons
             plan.scale_from_parts(F.pad(parts, (0, _NP[N] - N)).contiguous(), norm, active)
     elif mode is SPARS_RANDOM:
         plan = _Plan(base, ts, weights, dens=[d if a else 1.0 for d, a in zip(densities, active)])
-        plan.seeds = torch.tensor(masks.draw_seeds(generator, ref.dare_seed_count(N)), dtype=torch.int32
-                                  ).to(base.device)
+        plan.seeds = masks.to_device(torch.tensor(masks.draw_seeds(generator, ref.dare_seed_count(N)),
+                                                  dtype=torch.int32), base.device)
     else:
         plan = _Plan(base, ts, weights)
     if mode is SPARS_BAND:
