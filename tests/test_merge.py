@@ -606,11 +606,11 @@ def test_cuda_della_merge_real_size_matches_its_draw(shape, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method,rescale,syncs", [("ties", None, 1), ("dare_ties", None, 1), ("dare_ties", False, 1),
-                                                  ("della", None, 2)])
-def test_cuda_merge_host_syncs_per_call(method, rescale, syncs):
-    """The host waits for the GPU once per merge (the NaN/Inf flag of the merge pass; DELLA also reads its task
-    vectors' flag): parameters, seeds and trivial band edges go up without synchronising the stream."""
+@pytest.mark.parametrize("method,rescale", [("ties", None), ("dare_ties", None), ("dare_ties", False), ("della", None),
+                                            ("della", False)])
+def test_cuda_merge_host_syncs_per_call(method, rescale):
+    """The host waits for the GPU once per merge (the NaN/Inf flag, which DELLA's task-vector kernel and the merge
+    passes share): parameters, seeds and trivial band edges go up without synchronising the stream."""
     base, ts = _models((256, 512), 3, torch.bfloat16, "cuda", scale=0.01)
     kw = dict(method=method, density=0.3, epsilon=0.1, rescale=rescale, backend="cuda")
     se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], **kw)  # compiles, fills the allocator
@@ -622,7 +622,7 @@ def test_cuda_merge_host_syncs_per_call(method, rescale, syncs):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     waits = [str(w.message) for w in seen if "synchronizing" in str(w.message)]
-    assert len(waits) == syncs, waits
+    assert len(waits) == 1, waits
 
 
 @pytest.mark.cuda

@@ -239,10 +239,17 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def della_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], densities: Sequence[float],
                  epsilons: Sequence[float], seeds: Sequence[int], active: Sequence[bool], norm: Optional[str], *,
+                 bad: Optional[torch.Tensor] = None,
                  backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The DELLA task vectors of a merge (see reference.della_deltas): model i's t_i - base kept with the
     probabilities of della_magprune (density_i, epsilon_i already shrunk by :func:`della_epsilon`), drawn with
-    seeds[i]; unmasked where not active[i]. Returns (deltas [N, ...], norm terms [P, 2, N] fp32 or None)."""
+    seeds[i]; unmasked where not active[i]. Returns (deltas [N, ...], norm terms [P, 2, N] fp32 or None).
+
+    bad: None, or a zeroed int32 [1] flag on base's device. A backend that finds NaN/Inf deltas during its own
+    pass (cuda) sets it instead of reading its flag back and raising: the caller reads it later, together with
+    its own flag (one host wait per merge), and raises (_validate.raise_nonfinite names the input). Backends
+    that check their inputs before any work raise at once either way."""
     lo = [d - e for d, e in zip(densities, epsilons)]
     span = [2.0 * e for e in epsilons]
-    return dispatch("della_deltas", backend, base, list(tensors), lo, span, list(seeds), list(active), norm)
+    return dispatch("della_deltas", backend, base, list(tensors), lo, span, list(seeds), list(active), norm,
+                    bad=bad)
