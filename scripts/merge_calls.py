@@ -3,7 +3,7 @@ host waits (reads to the host, blocking host-to-GPU copies), and on a GPU the ke
 CUDA runtime sees, the waits torch's sync debug mode reports, and the wall time per call.
 
     python scripts/merge_calls.py                      # GPU: 11008x4096, backend auto
-    python scripts/merge_calls.py --shape 64x96        # CPU (Triton interpreter): aten counts only
+    TRITON_INTERPRET=1 python scripts/merge_calls.py --backend triton   # CPU: aten counts of the Triton path
 
 A host wait leaves the GPU idle while Python prepares the next launches; the per-tensor merge rows of
 bench_merge.py time calls back to back, so each wait shows up in them.
@@ -22,6 +22,7 @@ import sparsity_engine as se
 
 METHODS = [("TIES", "ties", {}), ("DARE-TIES l1", "dare_ties", {}), ("DARE-TIES no rescale", "dare_ties",
                                                                       {"rescale": False}), ("DELLA", "della", {})]
+BACKEND = None
 ALLOC = ("empty", "zeros", "full", "ones", "empty_like", "zeros_like", "new_empty", "new_zeros", "empty_strided",
          "scalar_tensor", "lift_fresh")
 
@@ -55,7 +56,8 @@ class Count(TorchDispatchMode):
 
 
 def one_call(base, ts, method, extra):
-    return se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], method=method, density=0.3, epsilon=0.1, **extra)
+    return se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], method=method, density=0.3, epsilon=0.1,
+                                 backend=BACKEND, **extra)
 
 
 def cuda_counts(base, ts, method, extra):
@@ -84,7 +86,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default=None, help="ROWSxCOLS (default 11008x4096 on a GPU, 64x96 on the CPU)")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--backend", default=None, help="merge backend (default: what 'auto' picks)")
     args = ap.parse_args(argv)
+    global BACKEND
+    BACKEND = args.backend
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     shape = tuple(int(v) for v in (args.shape or ("11008x4096" if cuda else "64x96")).split("x"))
