@@ -606,6 +606,26 @@ def test_cuda_della_merge_real_size_matches_its_draw(shape, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("method,rescale", [("ties", None), ("dare_ties", None), ("dare_ties", False), ("della", None),
+                                            ("della", False)])
+def test_cuda_merge_host_syncs_per_call(method, rescale):
+    """The host waits for the GPU once per merge (the NaN/Inf flag, which DELLA's task-vector kernel and the merge
+    passes share): parameters, seeds and trivial band edges go up without synchronising the stream."""
+    base, ts = _models((256, 512), 3, torch.bfloat16, "cuda", scale=0.01)
+    kw = dict(method=method, density=0.3, epsilon=0.1, rescale=rescale, backend="cuda")
+    se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], **kw)  # compiles, fills the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as seen:
+            se.merge_task_vectors(base, ts, [1.0, 0.8, 0.6], **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in seen if "synchronizing" in str(w.message)]
+    assert len(waits) == 1, waits
+
+
+@pytest.mark.cuda
 def test_cuda_della_merge_unaligned_views_and_bad_input():
     """Inputs that are views at an odd element offset take the kernel's scalar path; NaN/Inf anywhere, or a
     task vector that overflows the dtype, raise naming the tensor."""

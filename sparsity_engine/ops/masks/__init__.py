@@ -8,8 +8,8 @@ state gives the same result on each.
 
 For the merge family (ops/merge), which reaches these only through this module: :func:`select_edges` (band
 edges over whole tensors), :func:`della_deltas` (the DELLA task vectors of a merge), :func:`della_epsilon`,
-:func:`magnitude_count`, the draws' seeds and Philox words (:func:`draw_seeds`, :func:`philox_words`) and
-mergekit's rescale (:func:`rescale_masked`, :data:`RESCALE_EPS`).
+:func:`magnitude_count`, the draws' seeds and Philox words (:func:`draw_seeds`, :func:`philox_words`),
+mergekit's rescale (:func:`rescale_masked`, :data:`RESCALE_EPS`) and :func:`to_device`.
 """
 from __future__ import annotations
 
@@ -221,20 +221,35 @@ def select_edges(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], r
         else:
             trivial.append((slot, KEY_NONE if p == 0 else KEY_ALL, n if (p == 0 and later_first) else 0))
     if trivial:
-        slots = [t[0] for t in trivial]
-        out[:, slots] = torch.tensor([[t[1] for t in trivial], [t[2] for t in trivial]], dtype=torch.int32
-                                     ).to(out.device)
+        slots = to_device(torch.tensor([t[0] for t in trivial]), out.device)
+        out[:, slots] = to_device(torch.tensor([[t[1] for t in trivial], [t[2] for t in trivial]],
+                                               dtype=torch.int32), out.device)
     if searched:
         dispatch("select_edges", backend, list(inputs), base, searched, bool(magnitude), out)
     return out
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small tensor just built on the host (a merge's parameters, seeds, trivial edges), copied to ``device``
+    without waiting for the work queued there: a plain copy from pageable memory synchronises the stream, which
+    leaves the GPU idle while Python prepares the next launches. The copy is queued after the driver has taken
+    the bytes (pageable memory is staged before the call returns), so ``host`` may be dropped at once."""
+    return host.to(device, non_blocking=True)
+
+
 def della_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], densities: Sequence[float],
                  epsilons: Sequence[float], seeds: Sequence[int], active: Sequence[bool], norm: Optional[str], *,
+                 bad: Optional[torch.Tensor] = None,
                  backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The DELLA task vectors of a merge (see reference.della_deltas): model i's t_i - base kept with the
     probabilities of della_magprune (density_i, epsilon_i already shrunk by :func:`della_epsilon`), drawn with
-    seeds[i]; unmasked where not active[i]. Returns (deltas [N, ...], norm terms [P, 2, N] fp32 or None)."""
+    seeds[i]; unmasked where not active[i]. Returns (deltas [N, ...], norm terms [P, 2, N] fp32 or None).
+
+    bad: None, or a zeroed int32 [1] flag on base's device. A backend that finds NaN/Inf deltas during its own
+    pass (cuda) sets it instead of reading its flag back and raising: the caller reads it later, together with
+    its own flag (one host wait per merge), and raises (_validate.raise_nonfinite names the input). Backends
+    that check their inputs before any work raise at once either way."""
     lo = [d - e for d, e in zip(densities, epsilons)]
     span = [2.0 * e for e in epsilons]
-    return dispatch("della_deltas", backend, base, list(tensors), lo, span, list(seeds), list(active), norm)
+    return dispatch("della_deltas", backend, base, list(tensors), lo, span, list(seeds), list(active), norm,
+                    bad=bad)

@@ -56,17 +56,20 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
 
 
 @register("della_deltas", "cuda", dtypes=(torch.float16, torch.bfloat16), limits={"cols": 65535, "tensors": 8})
-def della_deltas(base, tensors, lo, span, seeds, active, norm):
+def della_deltas(base, tensors, lo, span, seeds, active, norm, bad=None):
     """reference.della_deltas in one kernel (csrc/masks_della.cu della_deltas_kernel): per (row, model) one
     block forms t - base in the dtype, ranks the row by a shared-memory histogram of its magnitude keys, draws
     with the Philox uniforms of the Triton backend's keep_with_probabilities (seeds[i] per model), writes the
-    masked delta and the row's norm terms ([rows, 2, N]). One host read of the NaN/Inf flag."""
+    masked delta and the row's norm terms ([rows, 2, N]). NaN/Inf deltas set ``bad`` (the caller reads it);
+    without one, one host read of its own flag here."""
     N = len(tensors)
     outs = torch.empty((N,) + tuple(base.shape), dtype=base.dtype, device=base.device)
     n = base.shape[-1] if base.dim() else 1
     rows = base.numel() // n
     parts = torch.empty((rows, 2, N), dtype=torch.float32, device=base.device) if norm is not None else None
-    bad = torch.zeros(1, dtype=torch.int32, device=base.device)
+    caller_reads = bad is not None
+    if not caller_reads:
+        bad = torch.zeros(1, dtype=torch.int32, device=base.device)
     if base.numel():
         ts = [t.contiguous() for t in tensors]
         load_extension().masks_della_deltas(
@@ -74,7 +77,7 @@ def della_deltas(base, tensors, lo, span, seeds, active, norm):
             list(lo), list(span), list(seeds), sum(1 << i for i, a in enumerate(active) if a),
             NORM_CODE[norm], parts.data_ptr() if parts is not None else 0, N, bad.data_ptr(),
             dtype_code(base.dtype), stream_ptr(base))
-        if int(bad.item()):
+        if not caller_reads and int(bad.item()):
             raise_nonfinite(base, ts)
             raise ValueError("della_deltas: the kernel flagged NaN/Inf in finite inputs")  # a kernel bug
     return outs, parts

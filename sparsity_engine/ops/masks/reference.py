@@ -324,12 +324,13 @@ def stack_with_norm_terms(base, tensors, masked: Sequence[torch.Tensor], norm: O
 
 @register("della_deltas", "reference")
 def della_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], lo: Sequence[float], span: Sequence[float],
-                 seeds: Sequence[int], active: Sequence[bool], norm: Optional[str]):
+                 seeds: Sequence[int], active: Sequence[bool], norm: Optional[str], bad: Optional[torch.Tensor] = None):
     """DELLA task vectors of a merge: delta_i = t_i - base (tensors already in base's dtype), kept where a
     uniform drawn with seeds[i] falls below della_probabilities_between(delta_i, lo[i], span[i]); unmasked
     where not active[i]. Returns (deltas [N, ...] in base's dtype, norm terms or None): with ``norm``
     ('l1' | 'l2' | 'linf') the fp32 terms of each delta before and after its mask, [P, 2, N] over P parts
-    that the caller reduces (sums; max for linf). ValueError naming the tensor if a delta is not finite."""
+    that the caller reduces (sums; max for linf). ValueError naming the tensor if a delta is not finite (at once,
+    so ``bad`` is never set)."""
     deltas = task_vectors(base, tensors)
     for i, d in enumerate(deltas):
         if active[i]:

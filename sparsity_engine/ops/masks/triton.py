@@ -521,9 +521,10 @@ def della_magprune(t: torch.Tensor, density: float, epsilon: float, rescale_norm
 
 
 @register("della_deltas", "triton", dtypes=KERNEL_DTYPES, limits=INT32_LIMIT)
-def della_deltas(base, tensors, lo, span, seeds, active, norm):
-    """reference.della_deltas with the documented Philox draw: the deltas are materialised (checked finite)
-    and each active one is drawn by keep_with_probabilities on the reference's probabilities."""
+def della_deltas(base, tensors, lo, span, seeds, active, norm, bad=None):
+    """reference.della_deltas with the documented Philox draw: the deltas are materialised (checked finite, so
+    ``bad`` is never set) and each active one is drawn by keep_with_probabilities on the reference's
+    probabilities."""
     deltas = reference.task_vectors(base, tensors)
     for i, d in enumerate(deltas):
         if active[i]:

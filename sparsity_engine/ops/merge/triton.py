@@ -398,7 +398,7 @@ class _Plan:
     band edges, the rescale factors, and the passes."""
 
     def __init__(self, base: Optional[torch.Tensor], tensors: List[torch.Tensor], weights: Sequence[float],
-                 dens: Optional[Sequence[float]] = None):
+                 dens: Optional[Sequence[float]] = None, flag: Optional[torch.Tensor] = None):
         self.base = base
         self.tensors = tensors
         self.n = tensors[0].numel()
@@ -408,10 +408,12 @@ class _Plan:
         self.nblocks = triton.cdiv(self.n, TB)
         N = self.N
         # weights [N], keep densities [N], ones [N]: fp32, one copy to the device
-        params = torch.tensor(list(weights) + list(dens if dens is not None else [1.0] * N) + [1.0] * N,
-                              dtype=torch.float32).to(self.device)
+        host = torch.tensor(list(weights) + list(dens if dens is not None else [1.0] * N) + [1.0] * N,
+                            dtype=torch.float32)
+        params = masks.to_device(host, self.device)
         self.weights, self.dens, self.ones = params[:N], params[N:2 * N], params[2 * N:]
-        self.flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # NaN/Inf flag of the passes (one an earlier kernel of the merge may already have set: DELLA's deltas)
+        self.flag = flag if flag is not None else torch.zeros(1, dtype=torch.int32, device=self.device)
         self.edges = None   # int32 [2, 2N]: (K, J) of edge 2i + j of model i (j = 0: band start, 1: end)
         self.seeds = None   # int32 [2]: Philox seeds of models 0-3 and 4-7
         self.scale = None   # fp32 [N] once rescaled
@@ -536,15 +538,16 @@ def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons
     if mode is SPARS_PRESPARSE:
         # density 0 keeps nothing whatever epsilon is (p = 0): no warning about shrinking it
         eps = ref.della_epsilons(densities, epsilons, active)
+        flag = torch.zeros(1, dtype=torch.int32, device=base.device)  # read once, by plan.check
         deltas, parts = masks.della_deltas(base, ts, densities, eps, masks.draw_seeds(generator, N), active, norm,
-                                           backend=_della_backend(parts_backend, base, ts))
-        plan = _Plan(base, list(deltas.unbind(0)), weights)
+                                           bad=flag, backend=_della_backend(parts_backend, base, ts))
+        plan = _Plan(base, list(deltas.unbind(0)), weights, flag=flag)
         if parts is not None:
             plan.scale_from_parts(F.pad(parts, (0, _NP[N] - N)).contiguous(), norm, active)
     elif mode is SPARS_RANDOM:
         plan = _Plan(base, ts, weights, dens=[d if a else 1.0 for d, a in zip(densities, active)])
-        plan.seeds = torch.tensor(masks.draw_seeds(generator, ref.dare_seed_count(N)), dtype=torch.int32
-                                  ).to(base.device)
+        plan.seeds = masks.to_device(torch.tensor(masks.draw_seeds(generator, ref.dare_seed_count(N)),
+                                                  dtype=torch.int32), base.device)
     else:
         plan = _Plan(base, ts, weights)
     if mode is SPARS_BAND:
