@@ -163,6 +163,14 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def check_flag(name: str, flag, device: torch.device) -> None:
+    """A caller's NaN/Inf flag (ops that take ``bad=``): a zeroed int32 tensor of one element on ``device``."""
+    check_tensor(name, flag, dtypes=(torch.int32,))
+    if flag.numel() != 1 or flag.device != device:
+        raise ValueError(f"{name} must be an int32 tensor of one element on {device}, got shape "
+                         f"{tuple(flag.shape)} on {flag.device}")
+
+
 def raise_nonfinite(base: torch.Tensor, tensors: Sequence[torch.Tensor], name: str = "tensors") -> None:
     """A kernel flagged NaN/Inf: raise ValueError naming the input that holds one (base, tensors[i], or an
     overflowing difference tensors[i] - base); return when every input is finite (the caller then raises

@@ -12,7 +12,7 @@ import yaml
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import assert_rel_close  # noqa: E402
+from helpers import KERNEL_DEVICE, assert_rel_close, kernel_backends  # noqa: E402
 from merge_fixtures import run_mergekit, state_dict, write_llama, write_models  # noqa: E402
 from sparsity_engine.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main  # noqa: E402
 
@@ -530,6 +530,73 @@ def test_iter_merged_yields_per_tensor_merges_and_stops_at_a_bad_tensor():
         for name, _ in iter_merged(base, ft, [1.0, 0.7, 0.5], **kw):
             seen.append(name)
     assert seen == names[:2]
+
+
+@pytest.mark.parametrize("backend", kernel_backends("merge_task_vectors"))
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_merge_state_dicts_reads_the_flags_once_and_names_a_bad_tensor(backend, method):
+    """The kernels' NaN/Inf flags of a whole state dict are read after the last merge: the results equal the
+    per-tensor checked merges, and a bad input anywhere returns nothing and raises naming the tensor."""
+    import sparsity_engine as se
+    from sparsity_engine.merge import merge_state_dicts
+
+    names = [f"layer{i}.weight" for i in range(4)]
+    base = {k: torch.randn(16, 40, device=KERNEL_DEVICE).to(torch.bfloat16) for k in names}
+    ft = [{k: v + (0.05 * torch.randn_like(v.float())).to(v.dtype) for k, v in base.items()} for _ in range(3)]
+    w = [1.0, 0.7, 0.5]
+    kw = dict(method=method, density=0.4, epsilon=0.1, backend=backend)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731  (DARE / DELLA draw the same entries)
+    out = merge_state_dicts(base, ft, w, out_device=None, generator=gen(), **kw)
+    g = gen()
+    for k in names:
+        assert torch.equal(out[k], se.merge_task_vectors(base[k], [f[k] for f in ft], w, generator=g, **kw)), k
+    ft[2]["layer2.weight"][3, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"merging layer2\.weight: tensors\[2\] contains (1 )?NaN/Inf"):
+        merge_state_dicts(base, ft, w, **kw)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("merge_task_vectors"))
+def test_merge_task_vectors_sets_the_callers_flag_instead_of_raising(backend):
+    import sparsity_engine as se
+
+    base = torch.randn(8, 24, device=KERNEL_DEVICE)
+    ts = [base + 0.1 * torch.randn_like(base) for _ in range(2)]
+    bad = torch.zeros(1, dtype=torch.int32, device=KERNEL_DEVICE)
+    out = se.merge_task_vectors(base, ts, [1.0, 1.0], method="ties", density=0.5, bad=bad, backend=backend)
+    assert int(bad.item()) == 0
+    assert torch.equal(out, se.merge_task_vectors(base, ts, [1.0, 1.0], method="ties", density=0.5, backend=backend))
+    ts[1][2, 3] = float("nan")
+    se.merge_task_vectors(base, ts, [1.0, 1.0], method="ties", density=0.5, bad=bad, backend=backend)
+    assert int(bad.item()) == 1
+    with pytest.raises(ValueError, match="bad must be an int32 tensor of one element"):
+        se.merge_task_vectors(base, ts, [1.0, 1.0], method="ties", bad=torch.zeros(2, dtype=torch.int32,
+                              device=KERNEL_DEVICE), backend=backend)
+    with pytest.raises(TypeError, match="bad must have dtype in"):
+        se.merge_task_vectors(base, ts, [1.0, 1.0], method="ties", bad=torch.zeros(1), backend=backend)
+    with pytest.raises(ValueError, match="tensors\\[1\\] contains"):  # the reference checks at once either way
+        se.merge_task_vectors(base.cpu(), [t.cpu() for t in ts], [1.0, 1.0], method="ties", bad=bad.cpu(),
+                              backend="reference")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_cuda_merge_state_dicts_waits_once(method):
+    """On the GPU with out_device=None the host waits for the merges once per state dict, not once per tensor."""
+    from sparsity_engine.merge import merge_state_dicts
+
+    base = {f"t{i}": torch.randn(64, 96, device="cuda").to(torch.bfloat16) for i in range(5)}
+    ft = [{k: v + (0.05 * torch.randn_like(v.float())).to(v.dtype) for k, v in base.items()} for _ in range(3)]
+    kw = dict(method=method, density=0.4, epsilon=0.1, out_device=None, backend="cuda")
+    merge_state_dicts(base, ft, [1.0, 0.7, 0.5], **kw)  # compiles, fills the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as seen:
+            merge_state_dicts(base, ft, [1.0, 0.7, 0.5], **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in seen if "synchronizing" in str(w.message)]
+    assert len(waits) == 1, waits
 
 
 def test_merge_state_dicts_reads_safetensors_sources(tmp_path):

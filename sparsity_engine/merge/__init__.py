@@ -60,13 +60,7 @@ def iter_merged(base, finetuned: Sequence, weights, *, method: str, density=1.0,
     ``merge_task_vectors``. A fine-tuned model that lacks a tensor is left out of its merge; tensors that are
     not floating point come from base. Peak memory: one tensor per model.
     """
-    if method not in TASK_ARITHMETIC_METHODS:
-        raise ValueError(f"method must be one of {list(TASK_ARITHMETIC_METHODS)}, got {method!r}")
-    if not isinstance(finetuned, (list, tuple)) or not finetuned:
-        raise TypeError("finetuned must be a non-empty list of state dicts (or sources with keys() and get())")
-    n = len(finetuned)
-    per = {k: _per_model(k, v, n) for k, v in
-           dict(weights=weights, density=density, epsilon=epsilon, gamma=gamma).items()}
+    per = _per_model_settings(finetuned, weights, method, density, epsilon, gamma)
     options = dict(method=method, lambda_=lambda_, normalize=normalize, rescale=rescale, consensus=consensus,
                    generator=generator, backend=backend)
     for name in (names if names is not None else list(base.keys())):
@@ -74,7 +68,56 @@ def iter_merged(base, finetuned: Sequence, weights, *, method: str, density=1.0,
         yield name, merged.to(out_device) if out_device is not None else merged
 
 
-def _merge_named(name, base, finetuned, per, device, options) -> torch.Tensor:
+def merge_state_dicts(base, finetuned: Sequence, weights, *, method: str, density=1.0, epsilon=0.15, gamma=0.01,
+                      lambda_: float = 1.0, normalize: Optional[bool] = None, rescale=None,
+                      consensus: Optional[str] = None, device: Optional[Union[str, torch.device]] = None,
+                      out_device: Optional[Union[str, torch.device]] = "cpu",
+                      generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                      names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """The merged state dict (arguments as :func:`iter_merged`).
+
+    Unlike :func:`iter_merged`, which checks each merge before it yields the tensor, the GPU merges here set
+    one flag per device (NaN/Inf inputs, results past the dtype's range) that is read once, after the last
+    merge: one host wait per state dict instead of one per tensor, so the GPU is not left idle while Python
+    prepares the next merge. When a flag is set nothing is returned: the tensors are merged again one at a time
+    with their own checks, and the first that fails raises, named."""
+    per = _per_model_settings(finetuned, weights, method, density, epsilon, gamma)
+    options = dict(method=method, lambda_=lambda_, normalize=normalize, rescale=rescale, consensus=consensus,
+                   generator=generator, backend=backend)
+    names = list(names if names is not None else base.keys())
+    flags: Dict[torch.device, torch.Tensor] = {}
+    merged = {}
+    for name in names:
+        t = _merge_naming_errors(name, base, finetuned, per, device, options, flags)
+        merged[name] = t.to(out_device) if out_device is not None else t
+    if any(int(f.item()) for f in flags.values()):
+        for name in names:
+            _merge_naming_errors(name, base, finetuned, per, device, options)
+        raise RuntimeError("a merge kernel flagged NaN/Inf that the checked second run did not find")
+    return merged
+
+
+def _merge_naming_errors(name, *args) -> torch.Tensor:
+    try:
+        return _merge_named(name, *args)
+    except ValueError as exc:
+        raise ValueError(f"merging {name}: {exc}") from exc
+
+
+def _per_model_settings(finetuned, weights, method, density, epsilon, gamma) -> Dict[str, List]:
+    """The checked per-model settings {weights, density, epsilon, gamma: one value per fine-tuned model}."""
+    if method not in TASK_ARITHMETIC_METHODS:
+        raise ValueError(f"method must be one of {list(TASK_ARITHMETIC_METHODS)}, got {method!r}")
+    if not isinstance(finetuned, (list, tuple)) or not finetuned:
+        raise TypeError("finetuned must be a non-empty list of state dicts (or sources with keys() and get())")
+    n = len(finetuned)
+    return {k: _per_model(k, v, n) for k, v in
+            dict(weights=weights, density=density, epsilon=epsilon, gamma=gamma).items()}
+
+
+def _merge_named(name, base, finetuned, per, device, options, flags=None) -> torch.Tensor:
+    """The merge of one tensor. flags: None (the merge checks itself and raises), or {device: zeroed int32 [1]}:
+    GPU merges set their device's flag instead, which the caller reads (merge_state_dicts)."""
     if name not in base:
         raise KeyError(f"base has no tensor named {name!r}")
     b = base.get(name)
@@ -93,10 +136,8 @@ def _merge_named(name, base, finetuned, per, device, options) -> torch.Tensor:
     if not members:
         return b
     pick = lambda key: [per[key][i] for i in idx]  # noqa: E731
+    bad = None
+    if flags is not None:
+        bad = flags.setdefault(b.device, torch.zeros(1, dtype=torch.int32, device=b.device))
     return merge_task_vectors(b, members, pick("weights"), density=pick("density"), epsilon=pick("epsilon"),
-                              gamma=pick("gamma"), **options)
-
-
-def merge_state_dicts(base, finetuned: Sequence, weights, **kwargs) -> Dict[str, torch.Tensor]:
-    """The merged state dict (see :func:`iter_merged` for the arguments)."""
-    return dict(iter_merged(base, finetuned, weights, **kwargs))
+                              gamma=pick("gamma"), bad=bad, **options)

@@ -11,8 +11,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ..._dispatch import choose, dispatch, import_backend
-from ..._validate import (FLOAT_DTYPES, check_choice, check_finite, check_fraction, check_generator, check_result,
-                          check_tensor, is_real_number)
+from ..._validate import (FLOAT_DTYPES, check_choice, check_finite, check_flag, check_fraction, check_generator,
+                          check_result, check_tensor, is_real_number)
 from . import reference  # noqa: F401  (registers the oracle)
 
 import_backend(__name__, "triton")  # registers the 'triton' and 'cuda' merges (see triton.py)
@@ -152,7 +152,8 @@ def _tensor_list(base: torch.Tensor, tensors) -> List[torch.Tensor]:
 def merge_task_vectors(base: torch.Tensor, tensors, weights, *, method: str, density: PerModel = 1.0,
                        epsilon: PerModel = 0.15, gamma: PerModel = 0.01, lambda_: float = 1.0,
                        normalize: Optional[bool] = None, rescale=None, consensus: Optional[str] = None,
-                       generator: Optional[torch.Generator] = None, backend: Optional[str] = None) -> torch.Tensor:
+                       generator: Optional[torch.Generator] = None, bad: Optional[torch.Tensor] = None,
+                       backend: Optional[str] = None) -> torch.Tensor:
     """mergekit's generalized task arithmetic for one tensor.
 
     base: the base model's tensor (fp32/fp16/bf16); tensors: N fine-tuned tensors of base's shape (a list, or
@@ -165,6 +166,12 @@ def merge_task_vectors(base: torch.Tensor, tensors, weights, *, method: str, den
     base's device type, or a CPU one; None: torch's default CPU generator) seeds the DARE / DELLA draws, which
     are counter-based (Philox of the seeds and the flat index, see reference.sparsify_deltas): a generator
     state keeps the same entries on every backend (a CPU generator: on every device too).
+
+    bad: None, or a zeroed int32 tensor of one element on base's device. The kernels find NaN/Inf inputs and
+    results past the dtype's range in their own passes; by default the call reads that flag back and raises
+    (one host wait per call). Given ``bad``, they set it to 1 instead and the caller must read it before using
+    the result: a loop over many tensors then waits once (``merge_state_dicts`` does) and keeps the GPU fed
+    while Python prepares the next merge. The reference backend checks and raises at once either way.
 
     Math (in base's dtype, as mergekit): delta_i = t_i - base, sparsified per model, times w_i; with a
     consensus only entries agreeing with the elected sign are summed and the divisor is the sum of their
@@ -191,12 +198,14 @@ def merge_task_vectors(base: torch.Tensor, tensors, weights, *, method: str, den
         check_choice("consensus", consensus, CONSENSUS_METHODS + ("none",))
         consensus = None if consensus == "none" else consensus
     check_generator("generator", generator, base.device, host_ok=True)
+    if bad is not None:
+        check_flag("bad", bad, base.device)
     args = (base, tensors, w)
     kwargs = dict(spars=spec.sparsification, consensus=consensus, densities=densities, epsilons=epsilons,
                   gammas=gammas, lambda_=lam, normalize=normalize, rescale_norm=rescale_norm, generator=generator)
     impl = choose("merge_task_vectors", backend, *args, **kwargs)
     if impl.backend != "reference":
-        return impl.fn(*args, **kwargs)  # the kernels flag NaN/Inf inputs and overflowing outputs in their pass
+        return impl.fn(*args, **kwargs, bad=bad)  # the kernels flag NaN/Inf inputs and overflowing outputs
     check_finite("base", base)
     for i, t in enumerate(tensors):
         check_finite(f"tensors[{i}]", t)

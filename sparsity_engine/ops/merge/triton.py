@@ -518,9 +518,10 @@ def _della_backend(parts_backend: str, base: torch.Tensor, tensors: Sequence[tor
 
 
 def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons, gammas, lambda_, normalize,
-                rescale_norm, generator=None, parts_backend: str = "triton"):
+                rescale_norm, generator=None, parts_backend: str = "triton", bad=None):
     """The fused merge; ``parts_backend`` ('triton' | 'cuda') is the masks family's backend for the band edges
-    and DELLA's task vectors."""
+    and DELLA's task vectors. bad: None (read the passes' NaN/Inf flag and raise here: one host wait), or the
+    caller's zeroed int32 [1] flag, which the passes set and the caller reads (merge_task_vectors)."""
     dtype = base.dtype
     base = base.contiguous()
     ts = [t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors]
@@ -538,18 +539,18 @@ def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons
     if mode is SPARS_PRESPARSE:
         # density 0 keeps nothing whatever epsilon is (p = 0): no warning about shrinking it
         eps = ref.della_epsilons(densities, epsilons, active)
-        flag = torch.zeros(1, dtype=torch.int32, device=base.device)  # read once, by plan.check
+        flag = bad if bad is not None else torch.zeros(1, dtype=torch.int32, device=base.device)
         deltas, parts = masks.della_deltas(base, ts, densities, eps, masks.draw_seeds(generator, N), active, norm,
                                            bad=flag, backend=_della_backend(parts_backend, base, ts))
         plan = _Plan(base, list(deltas.unbind(0)), weights, flag=flag)
         if parts is not None:
             plan.scale_from_parts(F.pad(parts, (0, _NP[N] - N)).contiguous(), norm, active)
     elif mode is SPARS_RANDOM:
-        plan = _Plan(base, ts, weights, dens=[d if a else 1.0 for d, a in zip(densities, active)])
+        plan = _Plan(base, ts, weights, dens=[d if a else 1.0 for d, a in zip(densities, active)], flag=bad)
         plan.seeds = masks.to_device(torch.tensor(masks.draw_seeds(generator, ref.dare_seed_count(N)),
                                                   dtype=torch.int32), base.device)
     else:
-        plan = _Plan(base, ts, weights)
+        plan = _Plan(base, ts, weights, flag=bad)
     if mode is SPARS_BAND:
         bands = []
         for i in range(N):
@@ -564,7 +565,8 @@ def fused_merge(base, tensors, weights, *, spars, consensus, densities, epsilons
         plan.rescale(mode, norm, active)
     plan.launch(out, spars=SPARS_BITS if plan.bits is not None else mode, consensus=consensus, normalize=normalize,
                 rescale_norm=norm, lambda_=lambda_, phase=PHASE_MERGE, bits=plan.bits)
-    plan.check(base, ts, "merge_task_vectors")
+    if bad is None:
+        plan.check(base, ts, "merge_task_vectors")
     return out
 
 
